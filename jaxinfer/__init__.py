@@ -1,0 +1,8 @@
+"""jaxinfer: a JAX/XLA research framework for efficient transformer inference and training."""
+
+from jaxinfer.checkpoint import CheckpointError, load_hf, load_tokenizer, save_hf
+from jaxinfer.generation import SamplingParams, generate
+from jaxinfer.models import ConfigError, ModelConfig, Transformer, init_model
+
+__all__ = ["CheckpointError", "ConfigError", "ModelConfig", "SamplingParams", "Transformer", "generate",
+           "init_model", "load_hf", "load_tokenizer", "save_hf"]

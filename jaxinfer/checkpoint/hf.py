@@ -1,0 +1,189 @@
+"""Hugging Face interchange in safetensors (never pickle): config.json + model.safetensors (or a sharded index)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.flax
+from flax import nnx
+from safetensors import SafetensorError, safe_open
+
+from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.models.transformer import Transformer
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, corrupt, or disagrees with its config; the message names the file or tensor."""
+
+
+# ------------------------------------------------------------------------------------------ names
+def hf_name(path: tuple) -> tuple[str, bool]:
+  """Our state path -> (Hugging Face tensor name, whether the array is transposed between the two)."""
+  parts = [str(p) for p in path]
+  leaf = parts[-1]
+  transposed = leaf == "kernel"
+  if parts[:2] == ["embed_tokens", "embedding"]:
+    return "model.embed_tokens.weight", False
+  name = ".".join(parts[:-1] + ["weight" if leaf in ("kernel", "weight") else leaf])
+  return (name if parts[0] == "lm_head" else "model." + name), transposed
+
+
+def _flat_params(model_or_state) -> dict[tuple, nnx.Variable]:
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state, nnx.Param)
+  return dict(nnx.to_flat_state(state))
+
+
+# ------------------------------------------------------------------------------------------ loading
+def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+  config_path = Path(path) / CONFIG_FILE
+  if not config_path.is_file():
+    raise CheckpointError(f"{config_path}: no config.json in the checkpoint directory {path}")
+  try:
+    hf = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{config_path}: not valid JSON ({e})") from e
+  if not isinstance(hf, dict):
+    raise CheckpointError(f"{config_path}: expected a JSON object")
+  try:
+    return ModelConfig.from_hf(hf, **overrides)
+  except KeyError as e:
+    raise CheckpointError(f"{config_path}: missing field {e.args[0]!r}") from e
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+  """Tensor name -> the safetensors file that holds it."""
+  index = path / INDEX_FILE
+  if index.is_file():
+    try:
+      weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+      raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from e
+    return {name: path / file for name, file in weight_map.items()}
+  single = path / WEIGHTS_FILE
+  if not single.is_file():
+    found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    hint = " (PyTorch .bin checkpoints are not read: they are pickles; convert to safetensors)" if any(
+        f.endswith(".bin") for f in found) else ""
+    raise CheckpointError(f"{path}: neither {WEIGHTS_FILE} nor {INDEX_FILE} found{hint}")
+  try:
+    with safe_open(single, framework="flax") as f:
+      return {name: single for name in f.keys()}
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{single}: corrupt or unreadable safetensors file ({e})") from e
+
+
+def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_overrides) -> Transformer:
+  """Reads a Hugging Face Llama-family checkpoint directory into a Transformer.
+
+  dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps the checkpoint's own dtype.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    raise CheckpointError(f"{path}: checkpoint directory does not exist")
+  hf = json.loads((path / CONFIG_FILE).read_text()) if (path / CONFIG_FILE).is_file() else {}
+  ckpt_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+  dtype = dtype or (ckpt_dtype if ckpt_dtype in ("float32", "bfloat16", "float16") else "float32")
+  cfg = read_config(path, **{"param_dtype": dtype, "dtype": dtype, **config_overrides})
+  abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  files = _weight_files(path)
+  params = _flat_params(state)
+  expected = {hf_name(p)[0] for p in params}
+  missing = sorted(expected - set(files))
+  if missing:
+    raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
+                          + (" ..." if len(missing) > 8 else ""))
+  unexpected = sorted(n for n in set(files) - expected if not n.endswith("rotary_emb.inv_freq"))
+  if unexpected:
+    raise CheckpointError(f"{path}: tensors the config has no place for: {', '.join(unexpected[:8])}"
+                          + (" ..." if len(unexpected) > 8 else ""))
+  handles = {}
+  try:
+    for file in sorted(set(files[hf_name(p)[0]] for p in params)):
+      if not file.is_file():
+        raise CheckpointError(f"{file}: shard listed in {INDEX_FILE} does not exist")
+      try:
+        handles[file] = safe_open(file, framework="flax").__enter__()
+      except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
+    for p, var in params.items():
+      name, transposed = hf_name(p)
+      handle = handles[files[name]]
+      try:
+        shape = tuple(handle.get_slice(name).get_shape())
+      except SafetensorError as e:
+        raise CheckpointError(f"{files[name]}: tensor {name} unreadable ({e})") from e
+      want = var.get_value().shape[::-1] if transposed else var.get_value().shape
+      if shape != tuple(want):
+        raise CheckpointError(f"{files[name]}: tensor {name} has shape {shape}, but config.json implies {tuple(want)}")
+      try:
+        array = handle.get_tensor(name)
+      except SafetensorError as e:
+        raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
+      array = jnp.asarray(array.T if transposed else array, dtype=var.get_value().dtype)
+      var.set_value(array)
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
+  return nnx.merge(graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------ saving
+def _atomic_write(target: Path, write) -> None:
+  """Writes through a temporary file in the same directory, then renames it over target."""
+  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, target)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def save_hf(model: Transformer, path: str | os.PathLike) -> Path:
+  """Writes config.json + model.safetensors that transformers' from_pretrained loads."""
+  cfg: ModelConfig = model.config
+  try:
+    cfg.check_supported_combination()
+  except ConfigError as e:
+    raise ConfigError(f"save_hf: {e}") from e
+  path = Path(path)
+  path.mkdir(parents=True, exist_ok=True)
+  tensors = {}
+  for p, var in _flat_params(model).items():
+    name, transposed = hf_name(p)
+    value = jax.device_get(var.get_value())
+    tensors[name] = jnp.asarray(np.ascontiguousarray(value.T if transposed else value))
+  _atomic_write(path / WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(tensors, tmp, metadata={"format": "pt"}))
+  config_text = json.dumps(cfg.to_hf(), indent=2, sort_keys=True)
+  _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+  stale_index = path / INDEX_FILE
+  if stale_index.exists():
+    os.remove(stale_index)  # a single-file checkpoint now replaces an earlier sharded one
+  return path
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """A tokenizers.Tokenizer from tokenizer.json (or a directory holding one)."""
+  from tokenizers import Tokenizer
+
+  path = Path(path)
+  file = path / "tokenizer.json" if path.is_dir() else path
+  if not file.is_file():
+    raise CheckpointError(f"{file}: no tokenizer.json found")
+  try:
+    return Tokenizer.from_file(str(file))
+  except Exception as e:  # tokenizers raises plain Exception subclasses from Rust
+    raise CheckpointError(f"{file}: not a valid tokenizer.json ({e})") from e

@@ -1,0 +1,213 @@
+"""ModelConfig: one frozen description of a decoder-only Transformer, and its Hugging Face config.json mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+  """A model or experiment config field has an impossible value; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  model_type: str = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 512
+  intermediate_size: int = 1376
+  num_layers: int = 8
+  num_heads: int = 8
+  num_kv_heads: int = 2
+  head_dim: int | None = None  # None: hidden_size // num_heads
+  max_position_embeddings: int = 4096
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_type: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_position: int = 8192
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False  # bias on q, k, v and o (Llama's attention_bias)
+  qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
+  mlp_bias: bool = False
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+  sliding_window: int | None = None
+  layer_types: tuple[str, ...] | None = None  # per layer "full_attention" / "sliding_attention"; None: all alike
+  param_dtype: str = "float32"
+  dtype: str = "float32"  # compute dtype
+  attention_impl: str | None = None  # pallas_kernels.flash_attention implementation; None = best for backend
+  initializer_range: float = 0.02
+  bos_token_id: int | None = None
+  eos_token_id: int | tuple[int, ...] | None = None
+
+  def __post_init__(self):
+    self.validate()
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+  def layer_window(self, layer: int) -> int | None:
+    """The sliding window of one layer (None: full attention)."""
+    if self.sliding_window is None:
+      return None
+    if self.layer_types is None:
+      return self.sliding_window
+    return self.sliding_window if self.layer_types[layer] == "sliding_attention" else None
+
+  def validate(self) -> None:
+    def need(cond: bool, field: str, msg: str):
+      if not cond:
+        raise ConfigError(f"model.{field}: {msg}")
+
+    need(self.model_type in SUPPORTED_MODEL_TYPES, "model_type",
+         f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                 "max_position_embeddings"):
+      value = getattr(self, name)
+      need(isinstance(value, int) and value > 0, name, f"must be a positive integer, got {value!r}")
+    need(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+         f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None:
+      need(self.hidden_size % self.num_heads == 0, "head_dim",
+           f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; set head_dim")
+    need(self.resolved_head_dim % 2 == 0, "head_dim", f"RoPE needs an even head_dim, got {self.resolved_head_dim}")
+    need(self.rope_type in ROPE_TYPES, "rope_type", f"{self.rope_type!r} is not one of {ROPE_TYPES}")
+    need(self.rope_factor > 0, "rope_factor", f"must be > 0, got {self.rope_factor}")
+    need(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+    need(self.sliding_window is None or self.sliding_window > 0, "sliding_window",
+         f"must be None or > 0, got {self.sliding_window}")
+    if self.layer_types is not None:
+      need(len(self.layer_types) == self.num_layers, "layer_types",
+           f"has {len(self.layer_types)} entries for {self.num_layers} layers")
+      bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
+      need(not bad, "layer_types", f"unknown layer types {sorted(bad)}")
+    need(self.param_dtype in DTYPES, "param_dtype", f"{self.param_dtype!r} is not one of {DTYPES}")
+    need(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
+    need(self.rms_norm_eps > 0, "rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self) -> int:
+    d, hd = self.hidden_size, self.resolved_head_dim
+    attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+    mlp = 3 * d * self.intermediate_size
+    emb = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+    return self.num_layers * (attn + mlp + 2 * d) + emb + d
+
+  # ---------------------------------------------------------------- Hugging Face config.json
+  @classmethod
+  def from_hf(cls, hf: dict[str, Any], **overrides) -> "ModelConfig":
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+      raise ConfigError(f"config.json model_type: unsupported model_type {model_type!r}; "
+                        f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ConfigError(f"config.json hidden_act: only 'silu' is supported, got {hf['hidden_act']!r}")
+    # transformers >= 5 writes rope_parameters; older files have rope_theta + rope_scaling.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    if rope_type not in ROPE_TYPES:
+      raise ConfigError(f"config.json rope type {rope_type!r} is not supported; supported: {ROPE_TYPES}")
+    num_heads = hf["num_attention_heads"]
+    sliding_window = hf.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+      sliding_window = None
+    layer_types = hf.get("layer_types")
+    eos = hf.get("eos_token_id")
+    fields = dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position=int(rope.get("original_max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", False)) and model_type != "qwen2",
+        qkv_bias=model_type == "qwen2",
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        qk_norm=model_type == "qwen3",
+        sliding_window=sliding_window,
+        layer_types=tuple(layer_types) if (layer_types and sliding_window is not None) else None,
+        initializer_range=hf.get("initializer_range", 0.02),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf(self) -> dict[str, Any]:
+    rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": self.rope_type}
+    if self.rope_type != "default":
+      rope["factor"] = self.rope_factor
+    if self.rope_type == "llama3":
+      rope.update(low_freq_factor=self.rope_low_freq_factor, high_freq_factor=self.rope_high_freq_factor,
+                  original_max_position_embeddings=self.rope_original_max_position)
+    hf = {
+        "architectures": [_ARCHITECTURES[self.model_type]],
+        "model_type": self.model_type,
+        "vocab_size": self.vocab_size,
+        "hidden_size": self.hidden_size,
+        "intermediate_size": self.intermediate_size,
+        "num_hidden_layers": self.num_layers,
+        "num_attention_heads": self.num_heads,
+        "num_key_value_heads": self.num_kv_heads,
+        "head_dim": self.resolved_head_dim,
+        "max_position_embeddings": self.max_position_embeddings,
+        "rms_norm_eps": self.rms_norm_eps,
+        "hidden_act": "silu",
+        "rope_theta": self.rope_theta,  # read by transformers < 5
+        "rope_parameters": rope,  # read by transformers >= 5
+        "rope_scaling": None if self.rope_type == "default" else rope,
+        "tie_word_embeddings": self.tie_word_embeddings,
+        "initializer_range": self.initializer_range,
+        "torch_dtype": self.param_dtype,
+        "bos_token_id": self.bos_token_id,
+        "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
+    }
+    if self.model_type == "llama":
+      hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+    if self.model_type == "mistral":
+      hf["sliding_window"] = self.sliding_window
+    if self.model_type in ("qwen2", "qwen3"):
+      hf.update(use_sliding_window=self.sliding_window is not None, sliding_window=self.sliding_window,
+                max_window_layers=self.num_layers)
+      if self.layer_types is not None:
+        hf["layer_types"] = list(self.layer_types)
+    if self.model_type == "qwen3":
+      hf["attention_bias"] = self.attention_bias
+    return hf
+
+  def check_supported_combination(self) -> None:
+    """Hugging Face families cannot express every combination of our flags; refuse before writing a file."""
+    if self.qkv_bias and self.model_type != "qwen2":
+      raise ConfigError(f"model.qkv_bias: only Qwen2 has q/k/v-only bias, model_type is {self.model_type!r}")
+    if self.qk_norm and self.model_type != "qwen3":
+      raise ConfigError(f"model.qk_norm: only Qwen3 has q/k norm, model_type is {self.model_type!r}")
+    if self.sliding_window is not None and self.model_type == "llama":
+      raise ConfigError("model.sliding_window: Llama checkpoints cannot express a sliding window")
+
+
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+
+

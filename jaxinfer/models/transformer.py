@@ -1,0 +1,128 @@
+"""One config-driven decoder-only Transformer (Llama 2/3, Mistral, Qwen2, Qwen3) in Flax NNX."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.models.attention import attention
+from jaxinfer.models.config import ModelConfig
+from jaxinfer.models.kv_cache import KVCache
+from jaxinfer.models.layers import Embed, Linear, RMSNorm
+from jaxinfer.models.rope import apply_rope, rope_cos_sin
+
+
+def _dtypes(cfg: ModelConfig):
+  return jnp.dtype(cfg.param_dtype), jnp.dtype(cfg.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    pdt, dt = _dtypes(cfg)
+    d, hd = cfg.hidden_size, cfg.resolved_head_dim
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias
+    lin = dict(param_dtype=pdt, dtype=dt, init_std=cfg.initializer_range, rngs=rngs)
+    self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), use_bias=qkv_bias, **lin)
+    self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=qkv_bias, **lin)
+    self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=qkv_bias, **lin)
+    self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), use_bias=cfg.attention_bias, **lin)
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
+      self.k_norm = RMSNorm(hd, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
+    else:
+      self.q_norm = self.k_norm = None
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+    self.window = cfg.layer_window(layer)
+    self.implementation = cfg.attention_impl
+    self.layer = layer
+
+  def __call__(self, x, cos, sin, positions, segment_ids, cache: KVCache | None):
+    b, s, _ = x.shape
+    q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
+    k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv_positions, kv_segment_ids = positions, segment_ids
+    if cache is not None:
+      k, v = cache.write_layer(self.layer, k, v)
+      kv_positions, kv_segment_ids = cache.positions, cache.segment_ids
+    out = attention(q, k, v, q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
+                    kv_segment_ids=kv_segment_ids, sliding_window=self.window, implementation=self.implementation)
+    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), (k, v)
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    pdt, dt = _dtypes(cfg)
+    lin = dict(use_bias=cfg.mlp_bias, param_dtype=pdt, dtype=dt, init_std=cfg.initializer_range, rngs=rngs)
+    self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **lin)
+    self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **lin)
+    self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **lin)
+
+  def __call__(self, x):
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+    pdt, dt = _dtypes(cfg)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
+    self.self_attn = Attention(cfg, layer, rngs)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
+    self.mlp = MLP(cfg, rngs)
+
+  def __call__(self, x, cos, sin, positions, segment_ids, cache):
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, cache)
+    x = x + attn
+    return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Transformer(nnx.Module):
+  """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
+
+  positions default to arange(seq); segment_ids (packing) default to one segment. With a KVCache the new
+  tokens are written at cache.index and attend to everything the cache holds; the updated cache is returned.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    pdt, dt = _dtypes(cfg)
+    self.config = cfg
+    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, param_dtype=pdt, dtype=dt,
+                              init_std=cfg.initializer_range, rngs=rngs)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs) for i in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
+    if cfg.tie_word_embeddings:
+      self.lm_head = None
+    else:
+      self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
+                            param_dtype=pdt, dtype=dt, init_std=cfg.initializer_range, rngs=rngs)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+    b, s = tokens.shape
+    if positions is None:
+      start = 0 if cache is None else cache.index
+      positions = jnp.broadcast_to(start + jnp.arange(s, dtype=jnp.int32), (b, s))
+    if segment_ids is None and cache is not None:
+      segment_ids = jnp.zeros((b, s), jnp.int32)
+    if cache is not None:
+      cache = cache.write_tokens(positions, segment_ids)
+    cos, sin = rope_cos_sin(positions, self.config)
+    x = self.embed_tokens(tokens)
+    new_k, new_v = [], []
+    for layer in self.layers:
+      x, (k, v) = layer(x, cos, sin, positions, segment_ids, cache)
+      new_k.append(k)
+      new_v.append(v)
+    x = self.norm(x)
+    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+    logits = logits.astype(jnp.float32)
+    if cache is None:
+      return logits, None
+    return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + s)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+  return Transformer(cfg, rngs=nnx.Rngs(seed))

@@ -1,0 +1,3 @@
+from pallas_kernels.flash_attention.api import flash_attention
+
+__all__ = ["flash_attention"]
