@@ -7,9 +7,12 @@ a running (output, log-sum-exp) pair. Masks follow the token positions, never th
 serves the contiguous layout of the original paper and the striped / zigzag layouts of `parallel.layouts`
 (permute tokens and positions once at the model input, undo it on the output).
 
-Axis types: the body runs in a `jax.shard_map` that is Manual over every mesh axis. The mesh handed in may have
-Explicit axes (jaxinfer's meshes, `jax.make_mesh`'s default since JAX 0.10) or Auto axes: with Explicit axes
-the inputs are `reshard`-ed to the layout the ring needs; with Auto axes shard_map moves them itself.
+Axis types: the body runs in a `jax.shard_map` that is Manual over every mesh axis (so the Pallas kernels inside
+never meet the automatic partitioner). The mesh handed in may have Auto axes (jaxinfer's own meshes, see
+`parallel.mesh`) or Explicit axes (`jax.make_mesh`'s default since JAX 0.10). Batch and heads keep the mesh axes
+the inputs already use: read from the types (Explicit), from committed arrays (eager), or, for traced arrays on
+Auto axes where the layout is unknown, DEFAULT_BATCH_AXES / DEFAULT_HEAD_AXES (overridable with batch_axes= /
+head_axes=). With Explicit axes the inputs are `reshard`-ed to that layout; with Auto axes shard_map moves them.
 """
 
 from __future__ import annotations
@@ -26,7 +29,13 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention.tiles import tile_visibility
 
-__all__ = ["ring_attention", "block_may_be_visible"]
+__all__ = ["ring_attention", "block_may_be_visible", "DEFAULT_BATCH_AXES", "DEFAULT_HEAD_AXES"]
+
+# Where batch and heads are assumed to live when the inputs' layout cannot be read (traced arrays on Auto axes,
+# i.e. inside jit on a jaxinfer mesh): the mesh axes of jaxinfer's default logical rules, kept when present in
+# the mesh with size > 1 and dividing the dimension. Pass batch_axes= / head_axes= to say otherwise.
+DEFAULT_BATCH_AXES = ("data", "fsdp")
+DEFAULT_HEAD_AXES = ("tensor",)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,17 +183,36 @@ def _spec_entry(axes: tuple):
   return None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
 
 
-def _current_spec(x) -> tuple:
-  """The mesh axes each dimension of x is sharded over, as far as it can be known (typed or committed)."""
+def _layout_of(x) -> tuple[tuple, bool]:
+  """(mesh axes of each dimension, known): read from x's type (Explicit axes) or its committed NamedSharding.
+
+  known is False for a traced array on Auto axes (inside jit the layout is not in the type).
+  """
+  spec, known = (), False
   try:
-    spec = tuple(jax.typeof(x).sharding.spec)
-  except Exception:  # pragma: no cover - arrays without a sharding in their type
-    spec = ()
-  if not any(spec) and not isinstance(x, jax.core.Tracer):
-    sharding = getattr(x, "sharding", None)
-    if isinstance(sharding, NamedSharding):
-      spec = tuple(sharding.spec)
-  return spec + (None,) * (x.ndim - len(spec))
+    sharding = jax.typeof(x).sharding
+    if any(t == AxisType.Explicit for t in sharding.mesh.axis_types):
+      spec, known = tuple(sharding.spec), True
+  except Exception:  # pragma: no cover - values without a sharding in their type
+    pass
+  if not known and not isinstance(x, jax.core.Tracer) and isinstance(getattr(x, "sharding", None), NamedSharding):
+    spec, known = tuple(x.sharding.spec), True
+  return spec + (None,) * (x.ndim - len(spec)), known
+
+
+def _current_spec(x) -> tuple:
+  return _layout_of(x)[0]
+
+
+def _default_axes(mesh, candidates, sizes, axis_name) -> tuple:
+  """The candidate mesh axes (size > 1, not the ring axis) whose running product divides every size."""
+  axes, prod = [], 1
+  for a in candidates:
+    if a in mesh.axis_names and a != axis_name and mesh.shape[a] > 1:
+      if all(s % (prod * mesh.shape[a]) == 0 for s in sizes):
+        axes.append(a)
+        prod *= mesh.shape[a]
+  return tuple(axes)
 
 
 def _size(mesh, axes) -> int:
@@ -210,7 +238,8 @@ def ring_attention(q, k, v, *, mesh, axis_name: str = "sequence", causal: bool =
     q: [batch, q_len, q_heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim] (GQA/MQA when kv_heads <
       q_heads). Global arrays whose seq dimension is sharded (or will be sharded) over `axis_name`; batch may be
       sharded over other mesh axes and heads over a tensor axis: those shardings are kept, read from the
-      arrays' types (Explicit axes) or their committed sharding, or given by `batch_axes` / `head_axes`.
+      arrays' types (Explicit axes) or their committed sharding, or given by `batch_axes` / `head_axes`
+      (default for traced arrays on Auto axes: DEFAULT_BATCH_AXES / DEFAULT_HEAD_AXES where they divide).
     mesh: the `jax.sharding.Mesh` (Explicit or Auto axes) the arrays are laid out on.
     axis_name: the mesh axis of the ring.
     causal, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sliding_window, sm_scale,
@@ -218,8 +247,9 @@ def ring_attention(q, k, v, *, mesh, axis_name: str = "sequence", causal: bool =
       positions and segment ids are [batch, len] int arrays laid out like the tokens (after any striped or
       zigzag permutation); positions default to 0..len-1.
     implementation: passed to `flash_attention` for every per-block call.
-    batch_axes, head_axes: optional mesh axes of the batch / heads dimension, overriding what the inputs say
-      (useful with Auto axes inside jit, where the layout is not in the types).
+    batch_axes, head_axes: optional mesh axes (a name or a tuple) of the batch / heads dimension, overriding
+      what the inputs say (useful with Auto axes inside jit, where the layout is not in the types); () means
+      replicated. kv heads are split like q heads, so kv_heads must divide by their size too.
 
   Returns:
     [batch, q_len, q_heads, head_dim] in q.dtype, sharded like q (seq over `axis_name`).
@@ -261,9 +291,19 @@ def ring_attention(q, k, v, *, mesh, axis_name: str = "sequence", causal: bool =
     if seq_axes and seq_axes != (axis_name,):
       raise ValueError(f"{name} is sharded along its sequence dimension over mesh axes {seq_axes}; ring "
                        f"attention needs it sharded over {axis_name!r} only")
-  spec_q = _current_spec(q)
-  b_axes = _axes_of(batch_axes) if batch_axes is not None else _axes_of(spec_q[0])
-  h_axes = _axes_of(head_axes) if head_axes is not None else _axes_of(spec_q[2])
+  spec_q, known = _layout_of(q)
+  if batch_axes is not None:
+    b_axes = _axes_of(batch_axes)
+  elif known:
+    b_axes = _axes_of(spec_q[0])
+  else:  # Auto axes under jit: jaxinfer's rules (parallel.sharding.DEFAULT_RULES) put batch on data, fsdp
+    b_axes = _default_axes(mesh, DEFAULT_BATCH_AXES, (batch,), axis_name)
+  if head_axes is not None:
+    h_axes = _axes_of(head_axes)
+  elif known:
+    h_axes = _axes_of(spec_q[2])
+  else:  # ... and heads / kv_heads on tensor
+    h_axes = _default_axes(mesh, DEFAULT_HEAD_AXES, (q_heads, kv_heads), axis_name)
   for what, axes, size in (("batch", b_axes, batch), ("q_heads", h_axes, q_heads), ("kv_heads", h_axes, kv_heads)):
     bad = [a for a in axes if a not in mesh.axis_names or a == axis_name]
     if bad:
@@ -303,11 +343,13 @@ def _freeze(cfg: dict) -> tuple:
 def _make_ring(mesh, spec_x, spec_lse, spec_tok, frozen_cfg):
   cfg: dict[str, Any] = dict(frozen_cfg)
   in_specs_fwd = (spec_x, spec_x, spec_x) + (spec_tok,) * 4  # absent (None) positions/segments match any spec
-  fwd_local = jax.shard_map(functools.partial(_ring_fwd_local, cfg=cfg), mesh=mesh, in_specs=in_specs_fwd,
-                            out_specs=(spec_x, spec_lse), check_vma=False)
-  bwd_local = jax.shard_map(functools.partial(_ring_bwd_local, cfg=cfg), mesh=mesh,
-                            in_specs=in_specs_fwd + (spec_x, spec_lse, spec_x),
-                            out_specs=(spec_x, spec_x, spec_x), check_vma=False)
+  # jit: eager calls then compile once per shape instead of running the shard_map body op by op (inside an
+  # outer jit it is inlined).
+  fwd_local = jax.jit(jax.shard_map(functools.partial(_ring_fwd_local, cfg=cfg), mesh=mesh,
+                                    in_specs=in_specs_fwd, out_specs=(spec_x, spec_lse), check_vma=False))
+  bwd_local = jax.jit(jax.shard_map(functools.partial(_ring_bwd_local, cfg=cfg), mesh=mesh,
+                                    in_specs=in_specs_fwd + (spec_x, spec_lse, spec_x),
+                                    out_specs=(spec_x, spec_x, spec_x), check_vma=False))
 
   @jax.custom_vjp
   def ring(q, k, v, qp, kp, qs, ks):

@@ -82,7 +82,7 @@ def _precision(dtype):
 
 def _scores2(q, k, params, precision):
   """Base-2 scores [bq, bk] (natural scores times log2 e) and the soft-cap tanh for the backward."""
-  s = pl.dot(q, k, trans_b=True, precision=precision) * params.sm_scale
+  s = plgpu.dot(q, k, trans_b=True, precision=precision) * params.sm_scale
   s, th = C.soft_cap(s, params)
   return s * _LOG2E, th
 
@@ -122,7 +122,7 @@ def _fwd_kernel(*refs, st: _Static):
     corr = jnp.exp2(m - m_safe)
     l = corr * l + jnp.sum(pr, axis=1)
     v = v_ref[kv, :]
-    acc = corr[:, None] * acc + pl.dot(pr.astype(v.dtype), v, precision=prec)
+    acc = corr[:, None] * acc + plgpu.dot(pr.astype(v.dtype), v, precision=prec)
     return m_new, l, acc
 
   init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
@@ -153,8 +153,8 @@ def _fwd(st: _Static, q, k, v, aux):
   in_specs = [
       pl.BlockSpec((None, None, nk1), lambda i, j, h: (j, i, 0)),
       pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
-      pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, h // g, 0)),
-      pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, h // g, 0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, lax.div(h, g), 0)),
+      pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, lax.div(h, g), 0)),
   ] + _token_specs(st, pl.BlockSpec((None, bq), lambda i, j, h: (j, i)),
                    pl.BlockSpec((None, lk), lambda i, j, h: (j, 0)))
   o, lse = pl.pallas_call(
@@ -200,9 +200,9 @@ def _dq_kernel(*refs, st: _Static):
       mask = C.tile_mask(q_pos[:, None], kp_ref[kv][None, :], None if q_seg is None else q_seg[:, None],
                          None if ks_ref is None else ks_ref[kv][None, :], p)
       pr = jnp.where(mask, pr, 0.0)
-    dp = pl.dot(do, v_ref[kv, :], trans_b=True, precision=prec)
+    dp = plgpu.dot(do, v_ref[kv, :], trans_b=True, precision=prec)
     ds = C.soft_cap_grad(pr * (dp - delta[:, None]), th, p)
-    return dq + pl.dot(ds.astype(k.dtype), k, precision=prec)
+    return dq + plgpu.dot(ds.astype(k.dtype), k, precision=prec)
 
   dq = lax.fori_loop(0, tab_ref[0], body, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * p.sm_scale).astype(dq_ref.dtype)
@@ -238,10 +238,10 @@ def _dkv_kernel(*refs, st: _Static):
                            None if qs_ref is None else qs_ref[qs][:, None],
                            None if kv_seg is None else kv_seg[None, :], p)
         pr = jnp.where(mask, pr, 0.0)
-      dv = dv + pl.dot(pr.astype(do.dtype), do, trans_a=True, precision=prec)
-      dp = pl.dot(do, v, trans_b=True, precision=prec)
+      dv = dv + plgpu.dot(pr.astype(do.dtype), do, trans_a=True, precision=prec)
+      dp = plgpu.dot(do, v, trans_b=True, precision=prec)
       ds = C.soft_cap_grad(pr * (dp - delta_ref[gi, qs][:, None]), th, p)
-      dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True, precision=prec)
+      dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=prec)
       return dk, dv
 
     return lax.fori_loop(0, count, body, carry)
@@ -267,8 +267,8 @@ def _bwd(st: _Static, q, k, v, aux, o, lse, do, dlse):
       in_specs=[
           pl.BlockSpec((None, None, kv_tab.shape[2]), lambda i, j, h: (j, i, 0)),
           pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
-          pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, h // g, 0)),
-          pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, h // g, 0)),
+          pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, lax.div(h, g), 0)),
+          pl.BlockSpec((None, lk, None, d), lambda i, j, h: (j, 0, lax.div(h, g), 0)),
           pl.BlockSpec((None, bq, None, d), lambda i, j, h: (j, i, h, 0)),
           pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, i)),
           pl.BlockSpec((None, None, bq), lambda i, j, h: (j, h, i)),

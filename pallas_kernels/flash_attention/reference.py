@@ -31,3 +31,17 @@ def attention_reference(q, k, v, *, causal=True, sm_scale=None, q_positions=None
   if return_lse:
     return out, lse.reshape(batch, q_heads, q_len)
   return out
+
+
+# Registry adapter (see api.py): the reference runs everywhere and has no tiles or kernels.
+NAME = "reference"
+
+
+def unavailable_reason(interpret) -> str | None:
+  del interpret
+  return None
+
+
+def flash_attention(q, k, v, *, interpret=False, **kwargs):
+  del interpret
+  return attention_reference(q, k, v, **kwargs)

@@ -53,12 +53,13 @@ def tile_visibility(q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
     raise ValueError(f"block_q and block_k must be positive, got block_q={block_q}, block_k={block_k}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together (both or neither)")
-  if q_positions is None and kv_positions is None and q_segment_ids is None:
-    raise ValueError("tile_visibility needs at least the positions or the segment ids to know batch and lengths")
-  ref = next(x for x in (q_positions, q_segment_ids) if x is not None)
-  batch, q_len = ref.shape
-  kref = next(x for x in (kv_positions, kv_segment_ids) if x is not None)
-  kv_len = kref.shape[1]
+  ref_q = q_positions if q_positions is not None else q_segment_ids
+  ref_k = kv_positions if kv_positions is not None else kv_segment_ids
+  if ref_q is None or ref_k is None:
+    raise ValueError("tile_visibility needs q_positions or q_segment_ids, and kv_positions or kv_segment_ids, "
+                     "to know the batch and the lengths")
+  batch, q_len = ref_q.shape
+  kv_len = ref_k.shape[1]
   if q_positions is None:
     q_positions = jnp.broadcast_to(jnp.arange(q_len, dtype=jnp.int32), (batch, q_len))
   if kv_positions is None:

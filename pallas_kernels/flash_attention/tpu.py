@@ -30,6 +30,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -73,8 +74,11 @@ def _lanes_to(x, n: int):
   return x if x.shape[1] == n else x[:, :n]
 
 
-def _precision(dtype):
-  return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+def _dot(a, b, *, trans_b: bool = False):
+  """a @ b (or a @ b^T) on the MXU with float32 accumulation; float32 inputs at full precision."""
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def _unpack(refs, has_segments: bool, n_lead: int, n_out: int):
@@ -108,8 +112,7 @@ def _fwd_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   def _():
     q = q_ref[...]
     v = v_ref[...]
-    prec = _precision(q.dtype)
-    s = pl.dot(q, k_ref[...], trans_b=True, precision=prec) * p.sm_scale
+    s = _dot(q, k_ref[...], trans_b=True) * p.sm_scale
     s, _ = C.soft_cap(s, p)
     if C.needs_mask(p):
       mask = C.tile_mask(_lanes_to(qp_ref[...], bk), kp_ref[0:1, :],
@@ -123,7 +126,7 @@ def _fwd_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
     corr = jnp.exp(m_prev - m_safe)
     l_sc[...] = corr * l_sc[...] + jnp.sum(pr, axis=1)[:, None]
     m_sc[...] = m_next
-    acc_sc[...] = acc_sc[...] * _lanes_to(corr, acc_sc.shape[1]) + pl.dot(pr.astype(v.dtype), v, precision=prec)
+    acc_sc[...] = acc_sc[...] * _lanes_to(corr, acc_sc.shape[1]) + _dot(pr.astype(v.dtype), v)
 
   @pl.when(t == nk - 1)
   def _():
@@ -160,9 +163,9 @@ def _fwd(st: _Static, q, k, v, aux):
   in_specs = [
       pl.BlockSpec((None, None, bq, d), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0)),
       pl.BlockSpec((None, None, bk, d), lambda bi, h, i, t, idx_ref, cnt_ref:
-                   (bi, h // g, kv_block(bi, i, t, idx_ref), 0)),
+                   (bi, lax.div(h, g), kv_block(bi, i, t, idx_ref), 0)),
       pl.BlockSpec((None, None, bk, d), lambda bi, h, i, t, idx_ref, cnt_ref:
-                   (bi, h // g, kv_block(bi, i, t, idx_ref), 0)),
+                   (bi, lax.div(h, g), kv_block(bi, i, t, idx_ref), 0)),
   ]
   q_tok = pl.BlockSpec((None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
   kv_tok = pl.BlockSpec((None, _SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:
@@ -202,8 +205,7 @@ def _dq_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   @pl.when(t < cnt_ref[b * nq + i])
   def _():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    prec = _precision(q.dtype)
-    s = pl.dot(q, k, trans_b=True, precision=prec) * p.sm_scale
+    s = _dot(q, k, trans_b=True) * p.sm_scale
     s, th = C.soft_cap(s, p)
     pr = jnp.exp(s - _lanes_to(C.safe_lse(lse_ref[...]), bk))
     if C.needs_mask(p):
@@ -211,9 +213,9 @@ def _dq_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
                          None if qs_ref is None else _lanes_to(qs_ref[...], bk),
                          None if ks_ref is None else ks_ref[0:1, :], p)
       pr = jnp.where(mask, pr, 0.0)
-    dp = pl.dot(do, v, trans_b=True, precision=prec)
+    dp = _dot(do, v, trans_b=True)
     ds = C.soft_cap_grad(pr * (dp - _lanes_to(delta_ref[...], bk)), th, p)
-    dq_sc[...] += pl.dot(ds.astype(k.dtype), k, precision=prec)
+    dq_sc[...] += _dot(ds.astype(k.dtype), k)
 
   @pl.when(t == nk - 1)
   def _():
@@ -236,8 +238,7 @@ def _dkv_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   @pl.when(t < cnt_ref[b * nk + j])
   def _():
     q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
-    prec = _precision(q.dtype)
-    s_t = pl.dot(k, q, trans_b=True, precision=prec) * p.sm_scale  # [bk, bq] = (Q K^T)^T
+    s_t = _dot(k, q, trans_b=True) * p.sm_scale  # [bk, bq] = (Q K^T)^T
     s_t, th = C.soft_cap(s_t, p)
     pr_t = jnp.exp(s_t - C.safe_lse(lse_ref[0:1, :]))
     if C.needs_mask(p):
@@ -245,10 +246,10 @@ def _dkv_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
                          None if qs_ref is None else qs_ref[0:1, :],
                          None if ks_ref is None else _lanes_to(ks_ref[...], bq), p)
       pr_t = jnp.where(mask, pr_t, 0.0)
-    dv_sc[...] += pl.dot(pr_t.astype(do.dtype), do, precision=prec)
-    dp_t = pl.dot(v, do, trans_b=True, precision=prec)
+    dv_sc[...] += _dot(pr_t.astype(do.dtype), do)
+    dp_t = _dot(v, do, trans_b=True)
     ds_t = C.soft_cap_grad(pr_t * (dp_t - delta_ref[0:1, :]), th, p)
-    dk_sc[...] += pl.dot(ds_t.astype(q.dtype), q, precision=prec)
+    dk_sc[...] += _dot(ds_t.astype(q.dtype), q)
 
   @pl.when((gi == st.group - 1) & (t == nq - 1))
   def _():
@@ -272,7 +273,7 @@ def _bwd(st: _Static, q, k, v, aux, o, lse, do, dlse):
   kv_block = lambda bi, i, t, idx_ref: idx_ref[(bi * nq + i) * nk + t]
   q_blk = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))
   kv_blk = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, t, idx_ref, cnt_ref:
-                        (bi, h // g, kv_block(bi, i, t, idx_ref), 0))
+                        (bi, lax.div(h, g), kv_block(bi, i, t, idx_ref), 0))
   q_lanes = pl.BlockSpec((None, None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))
   q_tok = pl.BlockSpec((None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
   kv_tok = pl.BlockSpec((None, _SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:

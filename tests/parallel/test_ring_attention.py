@@ -108,9 +108,8 @@ def test_ring_matches_flash_attention(case):
   n = mesh.shape["sequence"]
   q, k, v, w = _inputs(batch, length, hq, hkv, 16, seed=len(case))
   seg = _segments(batch, length, np.random.default_rng(len(case))) if segs else None
-  batch_axes = "data" if (kind == "auto" and "data" in names) else None  # Auto axes: layout not in the types
   got = _ring_loss_and_grads(mesh, n, layout, q, k, v, w, causal=causal, q_seg=seg, kv_seg=seg, window=window,
-                             implementation=impl, spec=spec, batch_axes=batch_axes)
+                             implementation=impl, spec=spec)
   want = _ref_loss_and_grads(q, k, v, w, causal=causal, q_seg=seg, kv_seg=seg, window=window)
   _assert_close(got, want)
 
@@ -140,15 +139,29 @@ def test_eager_rows_without_visible_keys_and_output_sharding():
   _assert_close((o2, g), want)
 
 
+def test_auto_mesh_under_jit_defaults_batch_and_heads_axes():
+  """Traced arrays on Auto axes carry no layout: batch goes over data, heads over tensor (jaxinfer's rules);
+  batch_axes=() / head_axes=() override that."""
+  mesh = _mesh((2, 2, 2), ("data", "sequence", "tensor"), "auto")
+  q, k, v, _ = _inputs(2, 48, 4, 2, 16, seed=7)
+  f = lambda q, k, v, **kw: ring_attention(q, k, v, mesh=mesh, implementation="reference", **kw)
+  o = jax.jit(f)(q, k, v)
+  assert o.sharding.spec == P("data", "sequence", "tensor")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(flash_attention(q, k, v, implementation="reference")),
+                             atol=ATOL, rtol=ATOL)
+  o2 = jax.jit(lambda q, k, v: f(q, k, v, batch_axes=(), head_axes=()))(q, k, v)
+  assert o2.sharding.spec == P(None, "sequence")
+  np.testing.assert_allclose(np.asarray(o2), np.asarray(o), atol=ATOL, rtol=ATOL)
+
+
 def test_no_full_sequence_tensor_on_a_device():
   """After SPMD partitioning, no buffer of the forward+backward program has the global length 104."""
   mesh = _mesh((8,), ("sequence",), "explicit")
   q, k, v, w = _inputs(1, 104, 2, 2, 16, seed=5)
   sh = NamedSharding(mesh, P(None, "sequence"))
   q, k, v, w = (jax.device_put(x, sh) for x in (q, k, v, w))
-  f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(ring_attention(q, k, v, mesh=mesh, implementation="reference") * w),
-                       argnums=(0, 1, 2)))
-  hlo = f.lower(q, k, v).compile().as_text()
+  loss = lambda q, k, v, w: jnp.sum(ring_attention(q, k, v, mesh=mesh, implementation="reference") * w)
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v, w).compile().as_text()
   shapes = re.findall(r"[a-z0-9]+\[([0-9,]*)\]", hlo)
   assert shapes and not [s for s in shapes if "104" in s.split(",")]
 
