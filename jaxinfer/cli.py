@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
   flag_values = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=flag_values,
-                                                lock_config=True)
+                                                lock_config=True, sys_argv=argv)
   flags.DEFINE_string("log_level", "INFO", "logging level", flag_values=flag_values)
   try:
     flag_values(argv)

@@ -45,13 +45,14 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv_positions, kv_segment_ids = positions, segment_ids
-    if cache is not None:
-      k, v = cache.write_layer(self.layer, k, v)
-      kv_positions, kv_segment_ids = cache.positions, cache.segment_ids
-    out = attention(q, k, v, q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
-                    kv_segment_ids=kv_segment_ids, sliding_window=self.window, implementation=self.implementation)
-    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), (k, v)
+    if cache is None:
+      out = attention(q, k, v, q_positions=positions, kv_positions=positions, q_segment_ids=segment_ids,
+                      kv_segment_ids=segment_ids, sliding_window=self.window, implementation=self.implementation)
+      layer_kv = None
+    else:
+      out, layer_kv = cache.attend(self.layer, q, k, v, positions=positions, segment_ids=segment_ids,
+                                   sliding_window=self.window, implementation=self.implementation)
+    return self.o_proj(out.reshape(b, s, self.num_heads * self.head_dim)), layer_kv
 
 
 class MLP(nnx.Module):
@@ -75,16 +76,17 @@ class DecoderLayer(nnx.Module):
     self.mlp = MLP(cfg, rngs)
 
   def __call__(self, x, cos, sin, positions, segment_ids, cache):
-    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, cache)
+    attn, layer_kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, cache)
     x = x + attn
-    return x + self.mlp(self.post_attention_layernorm(x)), kv
+    return x + self.mlp(self.post_attention_layernorm(x)), layer_kv
 
 
 class Transformer(nnx.Module):
   """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
 
   positions default to arange(seq); segment_ids (packing) default to one segment. With a KVCache the new
-  tokens are written at cache.index and attend to everything the cache holds; the updated cache is returned.
+  tokens are stored in the cache and attend to everything it holds; the updated cache is returned. Any
+  object with the begin / attend / finish protocol of KVCache works (the engine's paged cache does).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -108,20 +110,19 @@ class Transformer(nnx.Module):
     if segment_ids is None and cache is not None:
       segment_ids = jnp.zeros((b, s), jnp.int32)
     if cache is not None:
-      cache = cache.write_tokens(positions, segment_ids)
+      cache = cache.begin(positions, segment_ids)
     cos, sin = rope_cos_sin(positions, self.config)
     x = self.embed_tokens(tokens)
-    new_k, new_v = [], []
+    layer_kvs = []
     for layer in self.layers:
-      x, (k, v) = layer(x, cos, sin, positions, segment_ids, cache)
-      new_k.append(k)
-      new_v.append(v)
+      x, layer_kv = layer(x, cos, sin, positions, segment_ids, cache)
+      layer_kvs.append(layer_kv)
     x = self.norm(x)
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     logits = logits.astype(jnp.float32)
     if cache is None:
       return logits, None
-    return logits, cache.replace(k=tuple(new_k), v=tuple(new_v), index=cache.index + s)
+    return logits, cache.finish(layer_kvs, s)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
