@@ -1,0 +1,60 @@
+"""Public entry point `decode_attention(..., implementation=None)` and its registry of implementations.
+
+Each implementation module exposes `decode_attention(q, k, v, kv_lens, **same keywords, interpret=...)` (plus
+its own block-size keywords, reachable by calling the module directly) and `unavailable_reason(interpret)`.
+Adding an implementation is one line in `IMPLEMENTATIONS`.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.decode_attention import _common as C
+
+_PACKAGE = "pallas_kernels.decode_attention"
+
+# name -> module implementing it (imported on first use).
+IMPLEMENTATIONS: dict[str, str] = {
+    "reference": f"{_PACKAGE}.reference",
+    "xla": f"{_PACKAGE}.xla",
+    "pallas_gpu": f"{_PACKAGE}.gpu",
+    "pallas_tpu": f"{_PACKAGE}.tpu",
+}
+
+# backend -> implementation picked by implementation=None.
+DEFAULT_FOR_BACKEND: dict[str, str] = {"gpu": "pallas_gpu", "tpu": "pallas_tpu", "cpu": "xla"}
+
+REGISTRY = C.Registry("decode_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
+
+
+def available_implementations(interpret=False) -> list[str]:
+  """Names of the implementations that can run on this machine (with the given interpret setting)."""
+  return REGISTRY.available(interpret)
+
+
+def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, logits_soft_cap=None,
+                     num_splits=None, return_lse=False, implementation=None, interpret=False):
+  """One new token per sequence attending over a contiguous KV cache, FlashDecoding style (split-K).
+
+  Args:
+    q: [batch, q_heads, head_dim], the new token of each sequence; its position is kv_lens - 1.
+    k, v: [batch, max_kv_len, kv_heads, head_dim], q's dtype; q_heads a multiple of kv_heads (GQA/MQA).
+    kv_lens: int32 [batch], keys 0 .. kv_lens-1 are valid (values are clipped to [0, max_kv_len]).
+    sm_scale: score scale, default head_dim ** -0.5.
+    sliding_window: if set, key j is visible only when kv_lens - 1 - j < sliding_window.
+    logits_soft_cap: if set, scores become cap * tanh(scores / cap) before the mask.
+    num_splits: number of key chunks computed in parallel and merged by log-sum-exp (None: a per-
+      implementation heuristic that fills the device). Results agree for every value up to rounding.
+    return_lse: also return the float32 log-sum-exp [batch, q_heads] (natural log), for merging partials.
+    implementation: one of IMPLEMENTATIONS, or None for the backend's default (gpu: pallas_gpu, tpu:
+      pallas_tpu, cpu: xla; logged once). One that cannot run here raises RuntimeError.
+    interpret: run Pallas kernels in interpret mode (CPU); ignored by the others.
+
+  Returns:
+    [batch, q_heads, head_dim] in q's dtype (and lse). A row with no visible key (kv_len 0) gets zeros and
+    lse -inf. Invisible cache slots may hold anything (even NaN): no implementation lets them through.
+  """
+  C.validate_decode(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+                    logits_soft_cap=logits_soft_cap, num_splits=num_splits)
+  module = REGISTRY.resolve(implementation, interpret)
+  return module.decode_attention(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+                                 logits_soft_cap=logits_soft_cap, num_splits=num_splits, return_lse=return_lse,
+                                 interpret=interpret)

@@ -1,0 +1,92 @@
+"""Public entry points `paged_attention` and `ragged_paged_attention` (implementation=...) and their registry.
+
+Each implementation module exposes both functions (same keywords plus its own block-size keywords, reachable
+by calling the module directly) and `unavailable_reason(interpret)`. Adding one is a line in IMPLEMENTATIONS.
+"""
+
+from __future__ import annotations
+
+from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.paged_attention import _common as P
+
+_PACKAGE = "pallas_kernels.paged_attention"
+
+# name -> module implementing both ops (imported on first use).
+IMPLEMENTATIONS: dict[str, str] = {
+    "reference": f"{_PACKAGE}.reference",
+    "xla": f"{_PACKAGE}.xla",
+    "pallas_gpu": f"{_PACKAGE}.gpu",
+    "pallas_tpu": f"{_PACKAGE}.tpu",
+}
+
+# backend -> implementation picked by implementation=None.
+DEFAULT_FOR_BACKEND: dict[str, str] = {"gpu": "pallas_gpu", "tpu": "pallas_tpu", "cpu": "xla"}
+
+REGISTRY = C.Registry("paged_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
+
+
+def available_implementations(interpret=False) -> list[str]:
+  """Names of the implementations that can run on this machine (with the given interpret setting)."""
+  return REGISTRY.available(interpret)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
+                    logits_soft_cap=None, num_splits=None, implementation=None, interpret=False):
+  """Decode attention (one new token per sequence) reading the KV cache through a page table.
+
+  Args:
+    q: [batch, q_heads, head_dim]; the token of row b has position kv_lens[b] - 1.
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim], the page pool (q's dtype); q_heads a
+      multiple of kv_heads.
+    page_table: int32 [batch, pages_per_seq]: position p of sequence b lives in page page_table[b, p //
+      page_size] at slot p % page_size. Entries past the last needed page are never read (may hold anything).
+    kv_lens: int32 [batch], number of cached tokens (clipped to [0, pages_per_seq * page_size]).
+    sm_scale, sliding_window, logits_soft_cap: as in decode_attention (window: kv_len - 1 - p < window).
+    num_splits: split-K ranges per sequence merged by log-sum-exp (None: per-implementation heuristic).
+    implementation: one of IMPLEMENTATIONS or None (gpu: pallas_gpu, tpu: pallas_tpu, cpu: xla; logged once).
+    interpret: run Pallas kernels in interpret mode (CPU).
+
+  Returns:
+    [batch, q_heads, head_dim] in q's dtype; zeros for kv_len 0. Pages and slots that are not visible may
+    hold anything (even NaN).
+  """
+  P.validate_paged(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+                   logits_soft_cap=logits_soft_cap, num_splits=num_splits)
+  module = REGISTRY.resolve(implementation, interpret)
+  return module.paged_attention(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale,
+                                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                                num_splits=num_splits, interpret=interpret)
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
+                           sliding_window=None, logits_soft_cap=None, return_lse=False, implementation=None,
+                           interpret=False):
+  """One launch for a serving step's mix of prefill chunks and decode tokens over a paged KV cache.
+
+  Args:
+    q: [max_tokens, q_heads, head_dim]: the new query tokens of sequences 0 .. num_seqs-1 concatenated;
+      sequence s owns rows cu_q_lens[s] : cu_q_lens[s+1]; rows from cu_q_lens[num_seqs] on are padding.
+    k_pages, v_pages: [num_pages, page_size, kv_heads, head_dim], already holding this step's new tokens.
+    page_table: int32 [max_seqs, pages_per_seq]; kv_lens: int32 [max_seqs], cached tokens of each sequence
+      INCLUDING this step's (clipped to the capacity pages_per_seq * page_size).
+    cu_q_lens: int32 [max_seqs + 1], nondecreasing, cu_q_lens[0] = 0.
+    num_seqs: int or int32 scalar array (dynamic): sequences in use; entries beyond are ignored.
+    Row i of sequence s has position kv_lens[s] - q_len_s + i and sees keys at positions <= its own (causal),
+    and with sliding_window only those with position > its own - sliding_window.
+    sm_scale, logits_soft_cap: as in decode_attention.
+    return_lse: also return the float32 log-sum-exp [max_tokens, q_heads] (for merging with other partials,
+      e.g. a shared prefix).
+    implementation, interpret: as in paged_attention.
+
+  Returns:
+    [max_tokens, q_heads, head_dim] in q's dtype (and lse); padding rows and rows that see no key get zeros
+    (lse -inf). Static shapes only depend on the argument shapes, so one compilation serves every mix of
+    lengths within a bucket.
+  """
+  P.validate_ragged(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
+                    sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+  module = REGISTRY.resolve(implementation, interpret)
+  return module.ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs,
+                                       sm_scale=sm_scale, sliding_window=sliding_window,
+                                       logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+                                       interpret=interpret)

@@ -1,0 +1,215 @@
+"""Paged attention for NVIDIA GPUs in Pallas, Triton-style ("pallas_gpu"); also the kernel of
+decode_attention's pallas_gpu (a contiguous cache viewed as pages).
+
+Why the Triton path and not Mosaic GPU: see pallas_kernels/flash_attention/gpu.py (same reasoning: it runs
+under the generic interpreter on CPU, so the test suite checks it, and lowers to Triton IR without a GPU).
+
+One kernel serves paged_attention, ragged_paged_attention and decode_attention through the work plan of
+`_common` (items of up to block_q query rows of one sequence, each with num_splits page ranges):
+
+  grid (item, kv_head, split). A program holds the item's queries of one kv head's GQA group as one tile of
+  g * block_q rows (padded to a power of two >= 16, Triton's dot minimum) and walks the keys of its split,
+  block_k tokens per iteration: the page of every token comes from the item's page-table row (a gather of
+  block_k int32 from a row that stays in L1), and K/V rows are loaded with page-indexed pointers and a mask,
+  so pages beyond the split, before the window or past kv_len are never touched, and a partially filled last
+  page costs only masked lanes. Pages may sit anywhere in the pool and need not be a power of two in size.
+  Online softmax in base 2, float32 statistics and accumulator, P cast to the input dtype for P V.
+  Each program writes a normalised partial output and its lse; the wrapper merges splits by log-sum-exp
+  (FlashDecoding) and scatters item rows back to token order.
+
+Limits: head_dim must be a power of two >= 16 (Triton tile shapes; padding the head dim would copy the
+whole page pool); block_k a power of two >= 16.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.paged_attention import _common as P
+
+NAME = "pallas_gpu"
+DEFAULT_BLOCK_K = 32
+DEFAULT_BLOCK_Q = 16
+_MIN_DIM = 16
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def unavailable_reason(interpret) -> str | None:
+  return C.unavailable_on("gpu", NAME, interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  params: C.ScoreParams
+  block_q: int
+  block_k: int
+  page_size: int
+  pages_per_seq: int
+  rows: int  # padded tile rows (g * block_q rounded up)
+  num_warps: int
+  num_stages: int
+  interpret: bool
+
+
+def _precision(dtype):
+  return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+  p = st.params
+  bk, ps = st.block_k, st.page_size
+  prec = _precision(q_ref.dtype)
+  pos0, key_lo, key_hi, first, npages = (meta_ref[j] for j in range(5))
+  lo = jnp.maximum(first * ps, key_lo)  # this split's keys: its pages intersected with the item's range
+  hi = jnp.minimum((first + npages) * ps - 1, key_hi)
+  n_iter = jnp.where(hi >= lo, (hi - lo + bk) // bk, 0)
+  q = q_ref[...]
+  d = q.shape[-1]
+  dcol = jnp.arange(d, dtype=jnp.int32)[None, :]
+  q_pos = pos0 + lax.rem(jnp.arange(st.rows, dtype=jnp.int32), st.block_q)
+
+  def body(t, carry):
+    m, l, acc = carry
+    tok = lo + t * bk + jnp.arange(bk, dtype=jnp.int32)
+    valid = tok <= hi
+    page = pt_ref[jnp.minimum(lax.div(tok, ps), st.pages_per_seq - 1)]
+    slot = lax.rem(tok, ps)
+    # All-array indexers (a gather of block_k rows): Triton pointer arithmetic; the interpreter's gather.
+    idx = (page[:, None], slot[:, None], dcol)
+    mask = jnp.broadcast_to(valid[:, None], (bk, d))
+    k = plgpu.load(k_ref.at[idx], mask=mask, other=0.0)
+    v = plgpu.load(v_ref.at[idx], mask=mask, other=0.0)
+    s = plgpu.dot(q, k, trans_b=True, precision=prec) * p.sm_scale
+    s, _ = C.soft_cap(s, p)
+    s = s * _LOG2E
+    vis = valid[None, :] & (tok[None, :] <= q_pos[:, None])
+    if p.sliding_window is not None:
+      vis = vis & (q_pos[:, None] - tok[None, :] < p.sliding_window)
+    s = jnp.where(vis, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    pr = jnp.exp2(s - m_safe[:, None])
+    corr = jnp.exp2(m - m_safe)
+    l = corr * l + jnp.sum(pr, axis=1)
+    acc = corr[:, None] * acc + plgpu.dot(pr.astype(v.dtype), v, precision=prec)
+    return m_new, l, acc
+
+  init = (jnp.full((st.rows,), -jnp.inf, jnp.float32), jnp.zeros((st.rows,), jnp.float32),
+          jnp.zeros((st.rows, q.shape[-1]), jnp.float32))
+  m, l, acc = lax.fori_loop(0, n_iter, body, init)
+  empty = l == 0.0
+  l_safe = jnp.where(empty, 1.0, l)
+  o_ref[...] = acc / l_safe[:, None]
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * _LN2)
+
+
+def check_head_dim(head_dim: int):
+  if head_dim < _MIN_DIM or head_dim & (head_dim - 1):
+    raise ValueError(f"head_dim={head_dim} for implementation={NAME!r}: must be a power of two >= {_MIN_DIM} "
+                     "(Triton tile shapes)")
+
+
+def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, *, block_k: int,
+                num_warps: int | None, num_stages: int, interpret: bool):
+  """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq])."""
+  num_items, bq, hq, d = q_items.shape
+  num_pages, ps, hkv, _ = k_pages.shape
+  pps = page_table.shape[1]
+  g = hq // hkv
+  S = plan.num_splits
+  rows = max(_MIN_DIM, pl.next_power_of_2(g * bq))
+  # q tile of item i, kv head h: rows (group member, item row) = gi * bq + r, padded.
+  qx = q_items.reshape(num_items, bq, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(num_items, hkv, g * bq, d)
+  qx = C.pad_axis(qx, 2, rows)
+  item_pages = jnp.clip(C.int32(page_table)[plan.seq], 0, num_pages - 1)  # [I, pps]
+  bcast = lambda x: jnp.broadcast_to(x[:, None], (num_items, S))
+  zeros = jnp.zeros((num_items, S), jnp.int32)
+  meta = jnp.stack([bcast(plan.pos0), bcast(plan.key_lo), bcast(plan.key_hi), plan.split_first, plan.split_pages,
+                    zeros, zeros, zeros], axis=-1).astype(jnp.int32)  # [I, S, 8]
+  st = _Static(params=params, block_q=bq, block_k=block_k, page_size=ps, pages_per_seq=pps, rows=rows,
+               num_warps=num_warps or 4, num_stages=num_stages, interpret=bool(interpret))
+  o, lse = pl.pallas_call(
+      functools.partial(_kernel, st=st),
+      grid=(num_items, hkv, S),
+      in_specs=[
+          pl.BlockSpec((None, None, 8), lambda i, h, s: (i, s, 0)),
+          pl.BlockSpec((None, pps), lambda i, h, s: (i, 0)),
+          pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
+          pl.BlockSpec((num_pages, ps, None, d), lambda i, h, s: (0, 0, h, 0)),
+          pl.BlockSpec((num_pages, ps, None, d), lambda i, h, s: (0, 0, h, 0)),
+      ],
+      out_specs=[pl.BlockSpec((None, None, None, rows, d), lambda i, h, s: (i, s, h, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, s, h, 0))],
+      out_shape=[jax.ShapeDtypeStruct((num_items, S, hkv, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((num_items, S, hkv, rows), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=num_stages),
+      interpret=st.interpret,
+      name="paged_attention",
+  )(meta, item_pages, qx, k_pages, v_pages)
+  o, lse = C.merge_partials(o, lse, axis=1)  # [I, hkv, rows, d], [I, hkv, rows]
+  o = o[:, :, :g * bq].reshape(num_items, hkv, g, bq, d).transpose(0, 3, 1, 2, 4).reshape(num_items, bq, hq, d)
+  lse = lse[:, :, :g * bq].reshape(num_items, hkv, g, bq).transpose(0, 3, 1, 2).reshape(num_items, bq, hq)
+  return o, lse
+
+
+def _check_blocks(block_k, block_q=1):
+  C.check_block("block_k", block_k, implementation=NAME, minimum=_MIN_DIM, power_of_two=True)
+  C.check_block("block_q", block_q, implementation=NAME)
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
+                    logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
+                    block_k: int = DEFAULT_BLOCK_K, num_warps: int | None = None, num_stages: int = 2):
+  """Same contract as `pallas_kernels.paged_attention`. block_k: keys per loop iteration (power of two >= 16,
+  independent of the page size). num_splits=None: enough splits for ~2 waves of programs on an H100."""
+  _check_blocks(block_k)
+  check_head_dim(q.shape[-1])
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  batch, hkv = q.shape[0], k_pages.shape[2]
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
+  blocks = C.cdiv(max_pages * ps, block_k)
+  S = num_splits or C.default_num_splits(batch * hkv, blocks)
+  S = min(S, max_pages)
+  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
+                       sliding_window=params.sliding_window)
+  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, block_k=block_k,
+                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  o = o[:, 0].astype(q.dtype)
+  return (o, lse[:, 0]) if return_lse else o
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
+                           sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
+                           block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
+                           num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2):
+  """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (g * block_q
+  rows per program tile); num_splits: split-K ranges per item (None: 1, since a step's items usually fill
+  the GPU; raise it for few long sequences)."""
+  _check_blocks(block_k, block_q)
+  if num_splits is not None:
+    C.check_block("num_splits", num_splits, implementation=NAME)
+  check_head_dim(q.shape[-1])
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  T = q.shape[0]
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  bq = min(block_q, T)
+  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
+  S = min(num_splits or 1, max_pages)
+  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
+                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
+  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params, block_k=block_k,
+                                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  o, lse = P.gather_tokens(o_items, lse_items, plan)
+  o = o.astype(q.dtype)
+  return (o, lse) if return_lse else o

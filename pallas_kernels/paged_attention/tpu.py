@@ -1,0 +1,257 @@
+"""Paged attention for TPUs in Pallas Mosaic TPU ("pallas_tpu"); also the kernel of decode_attention's
+pallas_tpu (a contiguous cache viewed as pages).
+
+One kernel serves paged_attention, ragged_paged_attention and decode_attention through the work plan of
+`_common` (items of up to block_q query rows of one sequence, each with num_splits page ranges):
+
+  grid (item, split, t), t walking the split's pages pages_per_block at a time. The page table comes in by
+  scalar prefetch (PrefetchScalarGridSpec): the K/V BlockSpec index maps read, from SMEM, the physical pages
+  of the split's next pages, so each grid step DMAs pages_per_block pages (each with all kv heads: a
+  [page_size * kv_heads, head_dim] block of the pool viewed as [num_pages, page_size * kv_heads, head_dim],
+  a free reshape; the pool is passed pages_per_block times, one BlockSpec per page) from wherever they sit
+  in the pool. Past the split's page count the index maps repeat the last page, so the pipeline issues no
+  new DMA, and `pl.when` skips the compute: pages beyond kv_len, before the window or in other splits are
+  never read. The last grid axis is dynamic (the longest split of this call, not the table's capacity), so
+  short sequences in a large page table cost no empty steps. Splits are "parallel" grid steps (megacore);
+  partials are merged by log-sum-exp.
+
+  The block holds every kv head, with rows ordered (token, kv head). Rather than strided per-head slices,
+  one [hq * block_q, page_size * kv_heads] score tile is computed for all query heads at once and the
+  (query head, key head) pairs that do not belong together are masked (the "GQA mask"), so P V gives each
+  query head exactly its own values. This costs kv_heads x the minimal MXU work, which decode (a few query
+  rows per key; memory-bound by a wide margin) does not notice; for prefill-heavy steps with many kv heads a
+  per-head layout would be faster (future work).
+
+Mosaic layout rules, as in flash_attention/tpu.py: per-row values (query positions, m, l, lse) are kept
+lane-replicated ([rows, 128]) and per-column values (key offsets, key heads) sublane-replicated
+([8, cols]); every block's last two dims equal the array's, so any page size / head count / head_dim is
+legal on hardware. Small constant "pattern" arrays (row -> query token / kv head, column -> key token / kv
+head) avoid vector integer division in the kernel. interpret=True runs it through pltpu.InterpretParams.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.paged_attention import _common as P
+
+NAME = "pallas_tpu"
+DEFAULT_BLOCK_Q = 8
+DEFAULT_KEYS_PER_STEP = 256  # pages_per_block=None: about this many keys per grid step
+_LANES = 128
+_SUBLANES = 8
+
+
+def unavailable_reason(interpret) -> str | None:
+  return C.unavailable_on("tpu", NAME, interpret)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  params: C.ScoreParams
+  page_size: int
+  pages_per_seq: int
+  num_splits: int
+  pages_per_block: int
+  interpret: object  # False or a pltpu.InterpretParams
+
+
+def _interpret_params(interpret):
+  if interpret is True:
+    return pltpu.InterpretParams()
+  return interpret or False
+
+
+def _lanes_to(x, n: int):
+  """[rows, 128] lane-replicated values -> [rows, n]."""
+  reps = -(-n // _LANES)
+  if reps > 1:
+    x = jnp.tile(x, (1, reps))
+  return x if x.shape[1] == n else x[:, :n]
+
+
+def _dot(a, b, *, trans_b: bool = False):
+  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _kernel(pages_ref, meta_ref, split_ref, row_tok_ref, row_kvh_ref, col_tok_ref, col_kvh_ref, key_tok_ref,
+            q_ref, *refs, st: _Static):
+  del pages_ref
+  ppb = st.pages_per_block
+  k_refs, v_refs = refs[:ppb], refs[ppb:2 * ppb]
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * ppb:]
+  p = st.params
+  i, s, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  ps = st.page_size
+  sp = i * st.num_splits + s
+  first, count = split_ref[2 * sp], split_ref[2 * sp + 1]
+
+  @pl.when(t == 0)
+  def _():
+    m_sc[...] = jnp.full(m_sc.shape, -jnp.inf, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  def page(j):
+    pos0, key_lo, key_hi = meta_ref[3 * i], meta_ref[3 * i + 1], meta_ref[3 * i + 2]
+    base = (first + t * ppb + j) * ps
+    q = q_ref[...]
+    k = k_refs[j][...]
+    v = v_refs[j][...]
+    cols = k.shape[0]
+    # keys: positions along lanes ([8, cols]) for the score mask, along sublanes ([cols, 128]) for V rows.
+    key_pos = base + col_tok_ref[...]
+    key_ok = (key_pos >= key_lo) & (key_pos <= key_hi)
+    v_pos = base + key_tok_ref[...]
+    v_ok = (v_pos >= key_lo) & (v_pos <= key_hi)
+    v = jnp.where(_lanes_to(v_ok, v.shape[1]), v, jnp.zeros((), v.dtype))
+    q_pos = _lanes_to(pos0 + row_tok_ref[...], cols)
+    vis = (key_ok[0:1, :] & (_lanes_to(row_kvh_ref[...], cols) == col_kvh_ref[0:1, :])
+           & (key_pos[0:1, :] <= q_pos))
+    if p.sliding_window is not None:
+      vis = vis & (q_pos - key_pos[0:1, :] < p.sliding_window)
+    sc = _dot(q, k, trans_b=True) * p.sm_scale
+    sc, _ = C.soft_cap(sc, p)
+    sc = jnp.where(vis, sc, -jnp.inf)
+    m_prev = m_sc[...]
+    m_next = jnp.maximum(m_prev, jnp.max(sc, axis=1)[:, None])
+    m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)
+    pr = jnp.exp(sc - _lanes_to(m_safe, cols))
+    corr = jnp.exp(m_prev - m_safe)
+    l_sc[...] = corr * l_sc[...] + jnp.sum(pr, axis=1)[:, None]
+    m_sc[...] = m_next
+    acc_sc[...] = acc_sc[...] * _lanes_to(corr, acc_sc.shape[1]) + _dot(pr.astype(v.dtype), v)
+
+  for j in range(ppb):
+    pl.when(t * ppb + j < count)(functools.partial(page, j))
+
+  @pl.when(t == pl.num_programs(2) - 1)
+  def _():
+    l = l_sc[...]
+    empty = l == 0.0
+    l_safe = jnp.where(empty, 1.0, l)
+    o_ref[...] = acc_sc[...] / _lanes_to(l_safe, acc_sc.shape[1])
+    lse_ref[...] = jnp.where(empty, -jnp.inf, m_sc[...] + jnp.log(l_safe))
+
+
+def _patterns(bq: int, g: int, ps: int, hkv: int):
+  """Row r = (query head h, item row j) = h * bq + j; column c = (key token, kv head) = tok * hkv + kvh."""
+  rows, cols = bq * g * hkv, ps * hkv
+  r = jnp.arange(rows, dtype=jnp.int32)
+  c = jnp.arange(cols, dtype=jnp.int32)
+  lanes = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], _LANES))
+  subl = lambda x: jnp.broadcast_to(x[None, :], (_SUBLANES, x.shape[0]))
+  return lanes(r % bq), lanes(r // (bq * g)), subl(c // hkv), subl(c % hkv), lanes(c // hkv)
+
+
+def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, *, interpret,
+                pages_per_block: int | None = None):
+  """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq])."""
+  num_items, bq, hq, d = q_items.shape
+  num_pages, ps, hkv, _ = k_pages.shape
+  pps = page_table.shape[1]
+  g = hq // hkv
+  S = plan.num_splits
+  ppb = min(pages_per_block or max(1, DEFAULT_KEYS_PER_STEP // ps), plan.max_pages_per_split)
+  rows, cols = hq * bq, ps * hkv
+  qx = q_items.transpose(0, 2, 1, 3).reshape(num_items, rows, d)
+  kx = k_pages.reshape(num_pages, cols, d)
+  vx = v_pages.reshape(num_pages, cols, d)
+  item_pages = jnp.clip(C.int32(page_table)[plan.seq], 0, num_pages - 1).reshape(-1)  # [I * pps]
+  meta = jnp.stack([plan.pos0, plan.key_lo, plan.key_hi], axis=-1).reshape(-1)  # [I * 3]
+  split = jnp.stack([plan.split_first, plan.split_pages], axis=-1).reshape(-1)  # [I * S * 2]
+  st = _Static(params=params, page_size=ps, pages_per_seq=pps, num_splits=S, pages_per_block=ppb,
+               interpret=_interpret_params(interpret))
+
+  def page_map(j, i, s, t, pages_ref, meta_ref, split_ref):
+    """Physical page of the split's (t * ppb + j)-th page; past the count, the last one (no new DMA)."""
+    del meta_ref
+    sp = i * S + s
+    step = jnp.minimum(t * ppb + j, jnp.maximum(split_ref[2 * sp + 1] - 1, 0))
+    logical = jnp.clip(split_ref[2 * sp] + step, 0, pps - 1)
+    return pages_ref[i * pps + logical], 0, 0
+
+  page_specs = [pl.BlockSpec((None, cols, d), functools.partial(page_map, j)) for j in range(ppb)]
+  # Dynamic grid: the last axis only goes as far as the longest split of this call.
+  steps = (jnp.maximum(jnp.max(plan.split_pages), 1) + ppb - 1) // ppb
+
+  const = lambda shape: pl.BlockSpec(shape, lambda i, s, t, *_: (0, 0))
+  in_specs = [
+      const((bq * hq, _LANES)), const((bq * hq, _LANES)), const((_SUBLANES, cols)), const((_SUBLANES, cols)),
+      const((cols, _LANES)),
+      pl.BlockSpec((None, rows, d), lambda i, s, t, *_: (i, 0, 0)),
+  ] + page_specs + page_specs
+  out_specs = [pl.BlockSpec((None, None, rows, d), lambda i, s, t, *_: (i, s, 0, 0)),
+               pl.BlockSpec((None, None, rows, _LANES), lambda i, s, t, *_: (i, s, 0, 0))]
+  o, lse = pl.pallas_call(
+      functools.partial(_kernel, st=st),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=3, grid=(num_items, S, steps), in_specs=in_specs, out_specs=out_specs,
+          scratch_shapes=[pltpu.VMEM((rows, _LANES), jnp.float32), pltpu.VMEM((rows, _LANES), jnp.float32),
+                          pltpu.VMEM((rows, d), jnp.float32)]),
+      out_shape=[jax.ShapeDtypeStruct((num_items, S, rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((num_items, S, rows, _LANES), jnp.float32)],
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=st.interpret,
+      name="paged_attention",
+  )(item_pages, meta, split, *_patterns(bq, g, ps, hkv), qx, *[kx] * ppb, *[vx] * ppb)
+  o, lse = C.merge_partials(o, lse[..., 0], axis=1)  # [I, rows, d], [I, rows]
+  o = o.reshape(num_items, hq, bq, d).transpose(0, 2, 1, 3)
+  lse = lse.reshape(num_items, hq, bq).transpose(0, 2, 1)
+  return o, lse
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
+                    logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
+                    pages_per_block: int | None = None):
+  """Same contract as `pallas_kernels.paged_attention`. pages_per_block: pages DMA'd per grid step (None:
+  about 256 keys). num_splits=None: 2 when the batch is small (both
+  TensorCores of a megacore chip busy), else 1 (each grid step is one page; splits only add parallelism)."""
+  if pages_per_block is not None:
+    C.check_block("pages_per_block", pages_per_block, implementation=NAME)
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
+  S = min(num_splits or (2 if q.shape[0] < 8 else 1), max_pages)
+  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
+                       sliding_window=params.sliding_window)
+  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, interpret=interpret,
+                       pages_per_block=pages_per_block)
+  o = o[:, 0].astype(q.dtype)
+  return (o, lse[:, 0]) if return_lse else o
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
+                           sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
+                           block_q: int = DEFAULT_BLOCK_Q, num_splits: int | None = None,
+                           pages_per_block: int | None = None):
+  """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (tile rows
+  q_heads * block_q); num_splits: split-K ranges per item (None: 1)."""
+  C.check_block("block_q", block_q, implementation=NAME)
+  if pages_per_block is not None:
+    C.check_block("pages_per_block", pages_per_block, implementation=NAME)
+  if num_splits is not None:
+    C.check_block("num_splits", num_splits, implementation=NAME)
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  T = q.shape[0]
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  bq = min(block_q, T)
+  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
+  S = min(num_splits or 1, max_pages)
+  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
+                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
+  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params,
+                                   interpret=interpret, pages_per_block=pages_per_block)
+  o, lse = P.gather_tokens(o_items, lse_items, plan)
+  o = o.astype(q.dtype)
+  return (o, lse) if return_lse else o

@@ -1,0 +1,135 @@
+"""Paged attention in plain jnp/lax ("xla"): the CPU default and the baseline of the benchmarks.
+
+Both ops run the work plan of `_common` (items of up to block_q query rows of one sequence, each with its
+split-K page ranges). All (item, split) pairs advance together through a `lax.fori_loop` whose trip count is
+dynamic (the longest split's page count / pages_per_chunk): each iteration gathers only the next
+`pages_per_chunk` pages of every split through the page table, so the cost follows the live lengths, not the
+cache capacity, and the ragged op never forms a dense [tokens x all keys] score matrix (each item reads only
+its own sequence's pages, from its window start to its last row). Online softmax in float32 per split;
+splits are merged by log-sum-exp. Matmul operands stay in the input dtype with float32 accumulation.
+Gathered slots that are not visible are zeroed, so whatever unused slots hold never reaches the output.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.paged_attention import _common as P
+
+NAME = "xla"
+DEFAULT_KEYS_PER_CHUNK = 256
+DEFAULT_BLOCK_Q = 8
+_MAX_ITERATIONS = 8  # num_splits=None: split until the sequential loop has about this many iterations
+
+
+def unavailable_reason(interpret) -> str | None:
+  del interpret
+  return None
+
+
+def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, pages_per_chunk: int):
+  """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq]) over each item's pages."""
+  num_items, bq, hq, d = q_items.shape
+  num_pages, ps, hkv, _ = k_pages.shape
+  pps = page_table.shape[1]
+  g = hq // hkv
+  S, ppc = plan.num_splits, pages_per_chunk
+  qx = q_items.reshape(num_items, bq, hkv, g, d)
+  qpos = plan.pos0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [I, bq]
+  page_table = C.int32(page_table)
+
+  def body(c, carry):
+    m, l, acc = carry
+    j = c * ppc + jnp.arange(ppc, dtype=jnp.int32)
+    in_split = j[None, None, :] < plan.split_pages[:, :, None]  # [I, S, ppc]
+    lp = plan.split_first[:, :, None] + j[None, None, :]
+    phys = page_table[plan.seq[:, None, None], jnp.clip(lp, 0, pps - 1)]
+    phys = jnp.clip(phys, 0, num_pages - 1)
+    kpos = (lp[..., None] * ps + jnp.arange(ps, dtype=jnp.int32)).reshape(num_items, S, ppc * ps)
+    kvalid = (jnp.repeat(in_split, ps, axis=2) & (kpos >= plan.key_lo[:, None, None])
+              & (kpos <= plan.key_hi[:, None, None]))  # [I, S, C]
+    kt = k_pages[phys].reshape(num_items, S, ppc * ps, hkv, d)
+    vt = v_pages[phys].reshape(num_items, S, ppc * ps, hkv, d)
+    kt = jnp.where(kvalid[..., None, None], kt, jnp.zeros((), kt.dtype))
+    vt = jnp.where(kvalid[..., None, None], vt, jnp.zeros((), vt.dtype))
+    vis = kvalid[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])  # [I, S, bq, C]
+    if params.sliding_window is not None:
+      vis = vis & (qpos[:, None, :, None] - kpos[:, :, None, :] < params.sliding_window)
+    s = jnp.einsum("iqhgd,ischd->isqhgc", qx, kt, preferred_element_type=jnp.float32) * params.sm_scale
+    s, _ = C.soft_cap(s, params)
+    s = jnp.where(vis[:, :, :, None, None, :], s, -jnp.inf)
+    m_new = jnp.maximum(m, s.max(-1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe[..., None])
+    corr = jnp.exp(m - m_safe)
+    l = corr * l + p.sum(-1)
+    pv = jnp.einsum("isqhgc,ischd->isqhgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
+    acc = corr[..., None] * acc + pv
+    return m_new, l, acc
+
+  shape = (num_items, S, bq, hkv, g)
+  init = (jnp.full(shape, -jnp.inf, jnp.float32), jnp.zeros(shape, jnp.float32),
+          jnp.zeros(shape + (d,), jnp.float32))
+  n_iter = (jnp.max(plan.split_pages) + ppc - 1) // ppc
+  m, l, acc = lax.fori_loop(0, n_iter, body, init)
+  empty = l == 0.0
+  o = acc / jnp.where(empty, 1.0, l)[..., None]
+  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  o, lse = C.merge_partials(o, lse, axis=1)  # [I, bq, hkv, g, d], [I, bq, hkv, g]
+  return o.reshape(num_items, bq, hq, d), lse.reshape(num_items, bq, hq)
+
+
+def _pages_per_chunk(page_size: int, keys_per_chunk: int) -> int:
+  return max(1, keys_per_chunk // page_size)
+
+
+def _default_splits(max_pages: int, ppc: int) -> int:
+  return max(1, min(max_pages, C.cdiv(max_pages, ppc * _MAX_ITERATIONS)))
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
+                    logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
+                    keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK):
+  """Same contract as `pallas_kernels.paged_attention`; keys_per_chunk sets the pages gathered per loop
+  iteration (rounded down to whole pages, at least one)."""
+  del interpret
+  C.check_block("keys_per_chunk", keys_per_chunk, implementation=NAME)
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  ppc = _pages_per_chunk(ps, keys_per_chunk)
+  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
+  S = min(num_splits or _default_splits(max_pages, ppc), max_pages)
+  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
+                       sliding_window=params.sliding_window)
+  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, ppc)
+  o = o[:, 0].astype(q.dtype)
+  return (o, lse[:, 0]) if return_lse else o
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
+                           sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
+                           block_q: int = DEFAULT_BLOCK_Q, num_splits: int | None = None,
+                           keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK):
+  """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (a decode token
+  is an item of its own, a prefill chunk of q_len rows is cdiv(q_len, block_q) items); num_splits: split-K
+  ranges per item (None: 1); keys_per_chunk as in paged_attention."""
+  del interpret
+  C.check_block("block_q", block_q, implementation=NAME)
+  C.check_block("keys_per_chunk", keys_per_chunk, implementation=NAME)
+  if num_splits is not None:
+    C.check_block("num_splits", num_splits, implementation=NAME)
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
+  T = q.shape[0]
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  bq = min(block_q, T)
+  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
+  S = min(num_splits or 1, max_pages)
+  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
+                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
+  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params,
+                                   _pages_per_chunk(ps, keys_per_chunk))
+  o, lse = P.gather_tokens(o_items, lse_items, plan)
+  o = o.astype(q.dtype)
+  return (o, lse) if return_lse else o

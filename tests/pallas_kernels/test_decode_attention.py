@@ -1,0 +1,214 @@
+"""decode_attention (split-K over a contiguous KV cache): every implementation against the float32 reference,
+and the reference against dense attention (flash_attention(implementation="reference")) with the new token at
+position kv_len - 1.
+
+Fresh random inputs with kv_len 0 rows, lengths that are not block multiples, GQA 1/4 and MQA, windows, soft
+cap, float32 and bfloat16, one and several splits; every slot the new token may not see (past kv_len, outside
+the window) holds NaN, so an implementation that lets one through fails loudly.
+
+Tolerances (max abs error <= tol * max(1, max |expected|)):
+  float32 2e-5: both sides compute in float32; only the summation order differs (split-K partials merged by
+    log-sum-exp, online softmax over blocks), a few ulps.
+  bfloat16 2e-2 on outputs: same bf16 inputs, but the implementations feed P to the P V matmul in bf16
+    (relative rounding 2^-9 per element) and round the output to bf16; lse stays float32: 1e-4.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels
+from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.decode_attention import api, gpu, reference, tpu, xla
+
+TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 1e-4)}
+
+# Implementations runnable on CPU (Pallas ones in interpret mode), with small blocks so that several blocks
+# and split ranges are exercised.
+IMPLS = {
+    "xla": xla.decode_attention,
+    "pallas_gpu": functools.partial(gpu.decode_attention, interpret=True, block_k=16, split_granule=8),
+    "pallas_tpu": functools.partial(tpu.decode_attention, interpret=True, block_k=8),
+}
+
+
+def assert_close(actual, expected, tol, what):
+  a = np.asarray(jnp.asarray(actual, jnp.float32))
+  e = np.asarray(jnp.asarray(expected, jnp.float32))
+  assert a.shape == e.shape, (what, a.shape, e.shape)
+  assert np.all(np.isfinite(a) == np.isfinite(e)), f"{what}: finiteness differs"
+  fin = np.isfinite(e)
+  if not fin.any():
+    return
+  err = np.max(np.abs(a[fin] - e[fin]))
+  scale = max(1.0, float(np.max(np.abs(e[fin]))))
+  assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  kv_lens: tuple = (45, 0, 1, 19)
+  max_kv_len: int = 48
+  q_heads: int = 4
+  kv_heads: int = 1
+  head_dim: int = 32
+  dtype: type = jnp.float32
+  window: int | None = None
+  soft_cap: float | None = None
+  sm_scale: float | None = None
+  num_splits: int | None = None
+
+
+CASES = [
+    Case("mqa_splits4", num_splits=4),
+    Case("gqa4_window_softcap_splits3", q_heads=8, kv_heads=2, window=13, soft_cap=7.0, num_splits=3,
+         kv_lens=(64, 30, 0, 5), max_kv_len=64),
+    Case("mha_one_split_odd_len", q_heads=2, kv_heads=2, head_dim=16, num_splits=1, kv_lens=(37, 2, 0),
+         max_kv_len=37, sm_scale=0.3),
+    Case("bf16_gqa2_default_splits", q_heads=4, kv_heads=2, dtype=jnp.bfloat16, kv_lens=(96, 50, 7),
+         max_kv_len=96, window=40),
+]
+
+
+def make_inputs(case: Case, seed: int = 0):
+  """(q, k with NaN in invisible slots, v likewise, kv_lens), and the NaN-free k, v."""
+  rng = np.random.default_rng(seed)
+  b, L = len(case.kv_lens), case.max_kv_len
+  q = rng.standard_normal((b, case.q_heads, case.head_dim)).astype(np.float32)
+  k = rng.standard_normal((b, L, case.kv_heads, case.head_dim)).astype(np.float32)
+  v = rng.standard_normal((b, L, case.kv_heads, case.head_dim)).astype(np.float32)
+  kv_lens = np.asarray(case.kv_lens, np.int32)
+  j = np.arange(L)[None]
+  vis = j < kv_lens[:, None]
+  if case.window is not None:
+    vis &= kv_lens[:, None] - 1 - j < case.window
+  cast = lambda x: jnp.asarray(x).astype(case.dtype)
+  nan = lambda x: np.where(vis[:, :, None, None], x, np.nan)
+  return (cast(q), cast(nan(k)), cast(nan(v)), jnp.asarray(kv_lens)), (cast(k), cast(v))
+
+
+def kwargs(case: Case):
+  return dict(sm_scale=case.sm_scale, sliding_window=case.window, logits_soft_cap=case.soft_cap,
+              num_splits=case.num_splits)
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(case: Case):
+  args, _ = make_inputs(case)
+  return jax.jit(functools.partial(reference.decode_attention, return_lse=True, **kwargs(case)))(*args)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_reference_matches_dense_attention(case):
+  (q, _, _, kv_lens), (k, v) = make_inputs(case)
+  o, lse = _reference(case)
+  kw = kwargs(case)
+  del kw["num_splits"]
+  o_dense, lse_dense = jax.jit(functools.partial(
+      pallas_kernels.flash_attention, causal=True, return_lse=True, implementation="reference", **kw))(
+          q[:, None], k, v, q_positions=(kv_lens - 1)[:, None])
+  tol_o, tol_lse = TOL[case.dtype]
+  assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == q.shape[:2]
+  assert_close(o, o_dense[:, 0], tol_o, "out")
+  assert_close(lse, lse_dense[:, :, 0], tol_lse, "lse")
+  dead = np.asarray(case.kv_lens) == 0
+  assert np.all(np.asarray(o, np.float32)[dead] == 0) and np.all(np.isneginf(np.asarray(lse)[dead]))
+
+
+@pytest.mark.parametrize("case,impl", [(c, i) for c in CASES for i in IMPLS],
+                         ids=lambda x: x if isinstance(x, str) else x.name)
+def test_matches_reference(case, impl):
+  args, _ = make_inputs(case)
+  o, lse = jax.jit(functools.partial(IMPLS[impl], return_lse=True, **kwargs(case)))(*args)
+  o_ref, lse_ref = _reference(case)
+  tol_o, tol_lse = TOL[case.dtype]
+  assert o.dtype == case.dtype and o.shape == args[0].shape
+  assert lse.dtype == jnp.float32 and lse.shape == args[0].shape[:2]
+  assert_close(o, o_ref, tol_o, "out")
+  assert_close(lse, lse_ref, tol_lse, "lse")
+
+
+def test_merge_partials_is_exact_split_softmax():
+  """Two halves of a row merged by log-sum-exp equal the whole; empty partials drop out; all empty -> 0."""
+  rng = np.random.default_rng(0)
+  s = rng.standard_normal(10).astype(np.float32)
+  v = rng.standard_normal((10, 3)).astype(np.float32)
+
+  def part(idx):
+    p = np.exp(s[idx] - s[idx].max())
+    return p @ v[idx] / p.sum(), s[idx].max() + np.log(p.sum())
+
+  (o1, l1), (o2, l2) = part(slice(0, 4)), part(slice(4, 10))
+  o, lse = C.merge_partials(jnp.asarray(np.stack([[o1, o2, np.full(3, np.nan)], [o1 * 0, o1 * 0, o1 * 0]])),
+                            jnp.asarray([[l1, l2, -np.inf], [-np.inf] * 3], jnp.float32), axis=1)
+  whole, lse_whole = part(slice(0, 10))
+  np.testing.assert_allclose(np.asarray(o[0]), whole, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(float(lse[0]), lse_whole, rtol=1e-6)
+  assert np.all(np.asarray(o[1]) == 0) and np.isneginf(float(lse[1]))
+
+
+def test_public_api_default_is_xla_on_cpu(caplog):
+  case = CASES[0]
+  args, _ = make_inputs(case)
+  api.REGISTRY._logged.clear()
+  with caplog.at_level(logging.INFO, logger="pallas_kernels.decode_attention._common"):
+    o = jax.jit(functools.partial(pallas_kernels.decode_attention, num_splits=2))(*args)
+    jax.jit(pallas_kernels.decode_attention)(*args)
+  assert sum("'xla'" in r.getMessage() and "decode_attention" in r.getMessage() for r in caplog.records) == 1
+  assert_close(o, _reference(case)[0], 2e-5, "out")
+
+
+@pytest.mark.parametrize("platform,impl,marker", [("cuda", gpu, "triton"), ("tpu", tpu, "tpu_custom_call")])
+def test_pallas_lowers_for_hardware(platform, impl, marker):
+  """Lowering for the real backend at benchmark-like sizes (bf16, head_dim 128, 2k keys, GQA 4)."""
+  q = jnp.ones((4, 8, 128), jnp.bfloat16)
+  k = jnp.ones((4, 2048, 2, 128), jnp.bfloat16)
+  fn = jax.jit(functools.partial(impl.decode_attention, sliding_window=1000, num_splits=4))
+  assert marker in fn.trace(q, k, k, jnp.ones((4,), jnp.int32)).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_unavailable_implementations_raise():
+  args, _ = make_inputs(CASES[0])
+  for impl in ("pallas_gpu", "pallas_tpu"):
+    with pytest.raises(RuntimeError, match=impl):
+      pallas_kernels.decode_attention(*args, implementation=impl)
+  with pytest.raises(ValueError, match="implementation='nope'"):
+    pallas_kernels.decode_attention(*args, implementation="nope")
+  assert set(api.available_implementations()) == {"reference", "xla"}
+  assert set(api.available_implementations(interpret=True)) == set(api.IMPLEMENTATIONS)
+
+
+_Q = jnp.zeros((2, 4, 16))
+_K = jnp.zeros((2, 8, 2, 16))
+_KL = jnp.zeros((2,), jnp.int32)
+
+
+@pytest.mark.parametrize("args,kw,match", [
+    ((_Q[0], _K, _K, _KL), {}, "q must have rank 3"),
+    ((_Q, _K[0], _K[0], _KL), {}, "k must have rank 4"),
+    ((_Q, _K, _K[:, :4], _KL), {}, "v must have the shape of k"),
+    ((_Q[:1], _K, _K, _KL[:1]), {}, "batch"),
+    ((_Q, _K[..., :8], _K[..., :8], _KL), {}, "head_dim"),
+    ((_Q[:, :3], _K, _K, _KL), {}, "q_heads"),
+    ((_Q, _K.astype(jnp.bfloat16), _K.astype(jnp.bfloat16), _KL), {}, "dtype"),
+    ((_Q.astype(jnp.int32), _K, _K, _KL), {}, "q must be a floating"),
+    ((_Q, _K, _K, _KL[:1]), {}, "kv_lens"),
+    ((_Q, _K, _K, _KL.astype(jnp.float32)), {}, "kv_lens must be an integer"),
+    ((_Q, _K, _K, _KL), dict(num_splits=0), "num_splits"),
+    ((_Q, _K, _K, _KL), dict(sliding_window=0), "sliding_window"),
+    ((_Q, _K, _K, _KL), dict(logits_soft_cap=-1.0), "logits_soft_cap"),
+    ((_Q, _K, _K, _KL), dict(sm_scale="x"), "sm_scale"),
+], ids=["q_rank", "k_rank", "v_shape", "batch", "head_dim", "heads", "dtype", "q_int", "kv_lens_shape",
+        "kv_lens_dtype", "splits", "window", "soft_cap", "sm_scale"])
+@pytest.mark.parametrize("impl", list(api.IMPLEMENTATIONS))
+def test_bad_inputs(args, kw, match, impl):
+  with pytest.raises(ValueError, match=match):
+    pallas_kernels.decode_attention(*args, implementation=impl, interpret=True, **kw)
