@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 
 import jax
@@ -269,7 +268,3 @@ def flops(batch, q_len, kv_len, q_heads, head_dim, *, causal: bool, with_backwar
   if with_backward:
     f *= 3.5
   return f / 2 if causal else f
-
-
-def log2e() -> float:
-  return math.log2(math.e)

@@ -36,9 +36,21 @@ _logged_choices: set[tuple[str, str]] = set()
 
 
 def implementation_module(name: str) -> types.ModuleType:
+  """The module of an implementation. RuntimeError (naming it) if this JAX cannot import it, e.g. a Pallas
+  backend that a later JAX release removed."""
   if name not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation={name!r}; choose one of {sorted(IMPLEMENTATIONS)} or None")
-  return importlib.import_module(IMPLEMENTATIONS[name])
+  try:
+    return importlib.import_module(IMPLEMENTATIONS[name])
+  except ImportError as e:
+    raise RuntimeError(f"implementation={name!r} cannot be imported with jax {jax.__version__}: {e}") from e
+
+
+def _unavailable_reason(name: str, interpret) -> str | None:
+  try:
+    return implementation_module(name).unavailable_reason(interpret)
+  except RuntimeError as e:
+    return str(e)
 
 
 def default_implementation(backend: str | None = None) -> str:
@@ -52,7 +64,7 @@ def default_implementation(backend: str | None = None) -> str:
 
 def available_implementations(interpret=False) -> list[str]:
   """Names of the implementations that can run on this machine (with the given interpret setting)."""
-  return [n for n in IMPLEMENTATIONS if implementation_module(n).unavailable_reason(interpret) is None]
+  return [n for n in IMPLEMENTATIONS if _unavailable_reason(n, interpret) is None]
 
 
 def flash_attention(q, k, v, *, causal=True, sm_scale=None, q_positions=None, kv_positions=None,

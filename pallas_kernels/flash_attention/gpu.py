@@ -5,16 +5,19 @@ Which Pallas GPU path, and why (checked against the installed JAX 0.10.2 source 
 * JAX 0.10 has two Pallas GPU lowerings. `pl.pallas_call` without compiler params goes to Mosaic GPU (the
   `jax_pallas_use_mosaic_gpu` flag defaults to True) and warns that pallas_call for Mosaic GPU is deprecated
   in favour of `plgpu.kernel`; passing `jax.experimental.pallas.triton.CompilerParams` selects the Triton
-  lowering. JAX 0.11's changelog deprecates the Triton backend (still shipped, to be removed later).
+  lowering. JAX 0.11's Pallas changelog deprecates the Triton backend ("will be removed in a future
+  version"): it still ships and works there, with a deprecation warning.
 * Mosaic GPU kernels worth writing (TMA copies, wgmma/tcgen05, barriers, warp specialisation) use primitives
   whose CPU interpreter (`InterpretGPUParams`) exists only under `jax._src` in 0.10 (not exported from
   `jax.experimental.pallas.mosaic_gpu`), is documented nowhere, and does not run `pl.load`/`pl.store`.
   Such a kernel could not be verified by this project's CPU-only test suite.
-* The portable Triton-style kernel (BlockSpecs over a grid, ref indexing with `pl.ds`, `pl.dot`,
-  `pl.program_id`, `lax.fori_loop`) runs under the generic `interpret=True` interpreter on CPU in 0.10 and
-  0.11, and lowers for CUDA with `plgpu.CompilerParams(num_warps, num_stages)`. The test suite also lowers
-  it for the "cuda" platform on CPU (Triton IR is produced without a GPU), which checks the Triton-specific
-  rules (power-of-two tile shapes, supported primitives).
+* The portable Triton-style kernel (BlockSpecs over a grid, ref indexing with `pl.ds`, `plgpu.dot` (the
+  Triton module's dot; `pl.dot` is deprecated), `pl.program_id`, `lax.fori_loop`) runs under the generic
+  `interpret=True` interpreter on CPU and lowers for CUDA with `plgpu.CompilerParams(num_warps, num_stages)`.
+  Verified on 0.10.2 here; 0.11 keeps both the generic interpreter and the (deprecated) Triton lowering, so
+  it should run there too (not verified: 0.11 is not installed). The test suite also lowers the kernels for
+  the "cuda" platform on CPU (Triton IR is produced without a GPU), which checks the Triton-specific rules
+  (power-of-two tile shapes, supported primitives); only PTX compilation and running need a GPU.
 
 So this module is the Triton path, selected explicitly through `plgpu.CompilerParams` so that JAX's Mosaic
 GPU default does not pick it up. When Triton is removed upstream, a Hopper/Blackwell Mosaic GPU kernel

@@ -81,7 +81,7 @@ def _dot(a, b, *, trans_b: bool = False):
   return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _unpack(refs, has_segments: bool, n_lead: int, n_out: int):
+def _unpack(refs, has_segments: bool, n_lead: int):
   """Splits kernel refs into (leading inputs, (pos_a, pos_b, seg_a, seg_b), outputs + scratch)."""
   lead = refs[:n_lead]
   n_tok = 4 if has_segments else 2
@@ -98,7 +98,7 @@ def _fwd_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   del idx_ref
   p = st.params
   (q_ref, k_ref, v_ref), (qp_ref, kp_ref, qs_ref, ks_ref), (o_ref, lse_ref, m_sc, l_sc, acc_sc) = _unpack(
-      refs, p.has_segments, 3, 2)
+      refs, p.has_segments, 3)
   b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   bk = st.block_k
 
@@ -193,7 +193,7 @@ def _fwd(st: _Static, q, k, v, aux):
 def _dq_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   del idx_ref
   p = st.params
-  lead, (qp_ref, kp_ref, qs_ref, ks_ref), (dq_ref, dq_sc) = _unpack(refs, p.has_segments, 6, 1)
+  lead, (qp_ref, kp_ref, qs_ref, ks_ref), (dq_ref, dq_sc) = _unpack(refs, p.has_segments, 6)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead
   b, i, t = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   bk = st.block_k_bwd
@@ -225,7 +225,7 @@ def _dq_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
 def _dkv_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
   del idx_ref
   p = st.params
-  lead, (kp_ref, qp_ref, ks_ref, qs_ref), (dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(refs, p.has_segments, 6, 2)
+  lead, (kp_ref, qp_ref, ks_ref, qs_ref), (dk_ref, dv_ref, dk_sc, dv_sc) = _unpack(refs, p.has_segments, 6)
   q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = lead
   b, j, gi, t = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   bq = st.block_q_bwd

@@ -25,8 +25,11 @@ from pallas_kernels.flash_attention import _common as C
 from pallas_kernels.flash_attention import tiles
 
 NAME = "xla"
-DEFAULT_BLOCK_Q = 512
-DEFAULT_BLOCK_K = 512
+# Tile sizes when block_q/block_k are None. On CPU small tiles stay in cache and skip more masked area
+# (measured on 2 cores, causal fwd+bwd, seq 256-2048: 128/128 was 1.5-2x faster than 512/512 and 3-8x faster
+# than the dense reference); on accelerators larger tiles mean fewer, bigger matmuls.
+DEFAULT_BLOCKS = {"cpu": (128, 128)}
+DEFAULT_BLOCKS_OTHER = (512, 512)
 
 
 def unavailable_reason(interpret) -> str | None:
@@ -146,11 +149,14 @@ _core = C.make_core(_fwd, _bwd)
 
 def flash_attention(q, k, v, *, causal=True, sm_scale=None, q_positions=None, kv_positions=None,
                     q_segment_ids=None, kv_segment_ids=None, sliding_window=None, logits_soft_cap=None,
-                    return_lse=False, interpret=False, block_q: int = DEFAULT_BLOCK_Q,
-                    block_k: int = DEFAULT_BLOCK_K):
-  """Same contract as `pallas_kernels.flash_attention`; block_q/block_k are the tile sizes (any positive int;
-  clipped to the sequence lengths). `interpret` is accepted for a uniform signature and ignored."""
+                    return_lse=False, interpret=False, block_q: int | None = None,
+                    block_k: int | None = None):
+  """Same contract as `pallas_kernels.flash_attention`; block_q/block_k are the tile sizes (any positive int,
+  clipped to the sequence lengths; None: DEFAULT_BLOCKS for the backend). `interpret` is ignored."""
   del interpret
+  default_q, default_k = DEFAULT_BLOCKS.get(jax.default_backend(), DEFAULT_BLOCKS_OTHER)
+  block_q = default_q if block_q is None else block_q
+  block_k = default_k if block_k is None else block_k
   inp = C.prepare(q, k, v, causal=causal, sm_scale=sm_scale, q_positions=q_positions,
                   kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
