@@ -1,4 +1,9 @@
-"""`jaxinfer generate`: load a Hugging Face directory (or build a model from the config) and print text."""
+"""`jaxinfer generate`: load a Hugging Face directory (or build a model from the config) and print text.
+
+Generation runs on jaxinfer.Engine (paged KV cache, continuous batching). An optional `engine` section in the
+config passes keyword arguments to Engine (max_batch_size, page_size, num_pages, max_step_tokens, ...);
+without one the pool is sized to hold every prompt at once.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ import time
 
 from jaxinfer.checkpoint.hf import load_hf
 from jaxinfer.configs import model_config_from, require
-from jaxinfer.generation import SamplingParams, generate
+from jaxinfer.engine import Engine, RequestRejected
+from jaxinfer.generation import SamplingParams
 from jaxinfer.models.config import ConfigError
 from jaxinfer.models.transformer import init_model
 from jaxinfer.tokenizer import tokenizer_for
@@ -21,6 +27,22 @@ def sampling_from(section) -> SamplingParams:
                           min_p=section.min_p, seed=section.sample_seed)
   except ValueError as e:
     raise ConfigError(f"generate.{str(e).split('.', 1)[1]}") from None
+
+
+def engine_for(model, prompts, max_new_tokens: int, section=None) -> Engine:
+  """An Engine sized for these prompts (every one fits in the pool at once), overridden by `section`."""
+  kwargs = dict(max_batch_size=min(len(prompts), 32), page_size=16)
+  if section is not None:
+    kwargs.update(section.to_dict() if hasattr(section, "to_dict") else dict(section))
+  page_size = kwargs["page_size"]
+  if kwargs.get("num_pages") is None:
+    kwargs["num_pages"] = max(1, sum(-(-(len(p) + max_new_tokens) // page_size) for p in prompts))
+  kwargs.setdefault("max_model_len", model.config.max_position_embeddings)
+  kwargs.setdefault("max_step_tokens", max(256, kwargs["max_batch_size"]))
+  try:
+    return Engine(model, **kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"engine: {e}") from None
 
 
 def run(config) -> list[str]:
@@ -40,10 +62,16 @@ def run(config) -> list[str]:
   eos = model.config.eos_token_id
   stop = () if (eos is None or not gen.stop_at_eos) else (tuple(eos) if isinstance(eos, tuple) else (eos,))
   start = time.perf_counter()
-  outputs = generate(model, prompts, gen.max_new_tokens, sampling=sampling, stop_token_ids=stop)
+  engine = engine_for(model, prompts, gen.max_new_tokens, config.get("engine"))
+  try:
+    outputs = engine.run(prompts, sampling, max_new_tokens=gen.max_new_tokens, stop_token_ids=stop)
+  except RequestRejected as e:
+    raise ConfigError(f"generate.prompt{'s' if gen.prompts else ''}: {e}") from None
   elapsed = time.perf_counter() - start
   decoded = [tokenizer.decode(o) for o in outputs]
   for text, completion in zip(texts, decoded):
     print(f"=== prompt: {text!r}\n{text}{completion}\n")
-  log.info("%d new tokens in %.2fs (compile included)", sum(map(len, outputs)), elapsed)
+  log.info("%d new tokens in %.2fs (compile included; %d engine steps, %d preemptions, %d programs compiled)",
+           sum(map(len, outputs)), elapsed, engine.stats["steps"], engine.stats["preemptions"],
+           engine.compilations)
   return decoded

@@ -15,6 +15,7 @@ class SamplingParams:
   top_p: float = 1.0  # 1 = off
   min_p: float = 0.0  # 0 = off
   seed: int = 0
+  logprobs: bool = False  # engine: also return log p(chosen token) under the model's raw distribution
 
   def __post_init__(self):
     if not self.temperature >= 0:
@@ -35,7 +36,9 @@ def _filter_logits(scaled, top_k, top_p, min_p):
   keep = jnp.where((top_k > 0)[:, None], scaled >= kth, True)
   probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
   mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
-  in_nucleus = mass_before < top_p[:, None]  # the first token is always kept
+  # the first token is always kept; rows with top_p >= 1 keep everything (cumsum rounding must not drop tails,
+  # or a row's draws would depend on whether another row in the batch asked for a filter)
+  in_nucleus = (mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None]
   # smallest logit still inside the nucleus; ties at the boundary are kept
   nucleus_floor = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
   keep &= scaled >= nucleus_floor

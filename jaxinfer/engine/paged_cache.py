@@ -1,0 +1,98 @@
+"""PagedKVCache: the engine's KV cache, a pool of fixed-size pages shared by every sequence in flight.
+
+It implements the model's cache protocol (see jaxinfer/models/kv_cache.py), so the Transformer runs on it
+unchanged. One engine step feeds the model a ragged batch flattened into one row: tokens [1, max_tokens],
+sequence s owning rows cu_q_lens[s]:cu_q_lens[s+1] (its newest tokens, positions kv_lens[s]-q_len .. kv_lens[s]-1).
+
+  begin(positions, segment_ids)  -> computes each new token's slot (page * page_size + offset) from the
+                                    page table; padding rows get an out-of-pool slot, dropped on write
+  attend(layer, q, k, v, ...)    -> scatters this layer's new k/v into its pages, then
+                                    pallas_kernels.ragged_paged_attention over the pages
+  finish(layer_kvs, n)           -> the cache holding the updated pools
+
+Token at position p of sequence s lives in page page_table[s, p // page_size] at offset p % page_size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+import pallas_kernels
+
+
+def token_sequence(cu_q_lens, num_seqs, num_tokens: int):
+  """For each of num_tokens rows: (the sequence that owns it, whether it is a real token rather than padding)."""
+  rows = jnp.arange(num_tokens, dtype=jnp.int32)
+  max_seqs = cu_q_lens.shape[0] - 1
+  seq = jnp.searchsorted(cu_q_lens[1:], rows, side="right").astype(jnp.int32)
+  valid = rows < cu_q_lens[num_seqs]
+  return jnp.clip(seq, 0, max_seqs - 1), valid
+
+
+@struct.dataclass
+class PagedKVCache:
+  k_pages: tuple  # per layer [num_pages, page_size, kv_heads, head_dim]
+  v_pages: tuple
+  page_table: jax.Array  # [max_seqs, pages_per_seq] int32
+  kv_lens: jax.Array  # [max_seqs] int32: tokens cached per sequence, this step's included
+  cu_q_lens: jax.Array  # [max_seqs + 1] int32: row offsets of each sequence's new tokens
+  num_seqs: jax.Array  # scalar int32: sequences in this step (the rest of the arrays are padding)
+  slots: jax.Array | None = None  # [max_tokens] int32: flat pool slot of each new token (set by begin)
+  attention_impl: str | None = struct.field(pytree_node=False, default=None)
+  interpret: bool = struct.field(pytree_node=False, default=False)
+
+  @staticmethod
+  def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
+    """Zeroed k and v pools, one [num_pages, page_size, kv_heads, head_dim] array per layer."""
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.resolved_head_dim)
+    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
+            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+
+  @property
+  def num_pages(self) -> int:
+    return self.k_pages[0].shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.k_pages[0].shape[1]
+
+  def begin(self, positions, segment_ids) -> "PagedKVCache":
+    """Records where each new token goes. positions [1, max_tokens]; segment_ids are not needed (the
+    sequence of a row follows from cu_q_lens)."""
+    del segment_ids
+    if positions.shape[0] != 1:
+      raise ValueError(f"PagedKVCache takes the ragged batch flattened to one row, got batch {positions.shape[0]}")
+    pos = positions[0].astype(jnp.int32)
+    seq, valid = token_sequence(self.cu_q_lens, self.num_seqs, pos.shape[0])
+    ps = self.page_size
+    page = self.page_table[seq, jnp.clip(pos // ps, 0, self.page_table.shape[1] - 1)]
+    out_of_pool = self.num_pages * ps  # scatter with mode="drop" ignores it
+    slots = jnp.where(valid, page * ps + pos % ps, out_of_pool).astype(jnp.int32)
+    return self.replace(slots=slots)
+
+  def attend(self, layer: int, q, k, v, *, positions, segment_ids, sliding_window, implementation):
+    """Writes this layer's new k/v into the pool, then ragged paged attention over every sequence's pages.
+
+    `implementation` (the model's flash-attention choice) does not apply here: the paged kernel's
+    implementation is the engine's `attention_impl`."""
+    del positions, segment_ids, implementation
+    if self.slots is None:
+      raise RuntimeError("PagedKVCache.attend before begin")
+    b, t, heads, d = q.shape
+    kp, vp = self.k_pages[layer], self.v_pages[layer]
+    flat = (kp.shape[0] * kp.shape[1],) + kp.shape[2:]
+    kp = kp.reshape(flat).at[self.slots].set(k[0].astype(kp.dtype), mode="drop").reshape(kp.shape)
+    vp = vp.reshape(flat).at[self.slots].set(v[0].astype(vp.dtype), mode="drop").reshape(vp.shape)
+    out = pallas_kernels.ragged_paged_attention(
+        q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,
+        self.num_seqs, sliding_window=sliding_window, implementation=self.attention_impl,
+        interpret=self.interpret)
+    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp)
+
+  def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
+    del num_tokens
+    return self.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
+                        slots=None)

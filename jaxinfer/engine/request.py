@@ -1,0 +1,79 @@
+"""Requests as the engine sees them, what a step returns for each, and the errors of bad requests."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+from jaxinfer.generation.sampling import SamplingParams
+
+
+class RequestRejected(ValueError):
+  """add_request refused a request (bad prompt, limits); nothing was queued. The message names input and limit."""
+
+
+class QueueFullError(RequestRejected):
+  """More requests waiting for admission than the engine's max_queue; retry after some finish."""
+
+
+class UnknownRequestError(KeyError):
+  """A request id this engine never issued."""
+
+  def __str__(self):  # KeyError would print the repr of the message
+    return str(self.args[0]) if self.args else ""
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"  # queued (new, or preempted and waiting to be recomputed)
+  RUNNING = "running"  # holds pages; prefilling in chunks or decoding
+  FINISHED = "finished"
+
+
+# finish reasons
+STOP = "stop"  # sampled one of its stop tokens (included in the output)
+LENGTH = "length"  # produced max_new_tokens
+CANCELLED = "cancelled"  # engine.cancel(request_id)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+  """What one step produced for one request. new_token_ids is a list so that a step that accepts several
+  tokens at once (speculative decoding) fits the same type; today it holds at most one token."""
+  request_id: int
+  new_token_ids: list[int]
+  finished: bool = False
+  finish_reason: str | None = None  # "stop", "length", "cancelled" when finished
+  logprobs: list[float] | None = None  # log p(token) of each new token, when sampling.logprobs is set
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+  request_id: int
+  prompt: list[int]
+  sampling: SamplingParams
+  max_new_tokens: int
+  stop_token_ids: frozenset
+  arrival: int  # admission priority: lower arrived earlier (and is preempted last)
+  output: list[int] = dataclasses.field(default_factory=list)
+  logprobs: list[float] = dataclasses.field(default_factory=list)
+  status: Status = Status.WAITING
+  pages: list[int] = dataclasses.field(default_factory=list)
+  num_computed: int = 0  # tokens whose k/v are in the pool
+  num_preemptions: int = 0
+  finish_reason: str | None = None
+
+  @property
+  def num_tokens(self) -> int:
+    """Prompt plus generated tokens."""
+    return len(self.prompt) + len(self.output)
+
+  @property
+  def num_pending(self) -> int:
+    """Tokens still to run through the model before the next token can be sampled (1 when decoding)."""
+    return self.num_tokens - self.num_computed
+
+  def token_slice(self, start: int, stop: int) -> list[int]:
+    p = len(self.prompt)
+    if stop <= p:
+      return self.prompt[start:stop]
+    return (self.prompt + self.output)[start:stop] if start < p else self.output[start - p:stop - p]
