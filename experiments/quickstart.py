@@ -17,10 +17,10 @@ from parallel.mesh import mesh_section
 
 def get_config():
   model = model_section(vocab_size=4096, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4,
-                        num_kv_heads=2, max_position_embeddings=1024, param_dtype="float32", dtype="float32")
+                        num_kv_heads=2, max_position_embeddings=1024, param_dtype="float32", dtype="bfloat16")
   data = data_section(max_bytes=3_000_000, eval_fraction=0.03)
-  train = train_section(steps=300, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=20,
-                        min_lr_ratio=0.1, weight_decay=0.1, eval_every=100, eval_batches=8,
+  train = train_section(steps=180, batch_size=16, seq_len=256, learning_rate=3e-3, warmup_steps=20,
+                        min_lr_ratio=0.1, weight_decay=0.1, eval_every=60, eval_batches=8,
                         checkpoint_every=100, keep_checkpoints=2,
                         sample_prompts=("def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self"),
                         sample_tokens=64, sample_temperature=0.6, sample_top_k=20)

@@ -128,13 +128,15 @@ def create_mesh(section: Mapping[str, Any] | Any = None, devices: Sequence[Any] 
   dcn = tuple(int(values.get(f"dcn_{a}", 1)) for a in MESH_AXES)
   if math.prod(dcn) > 1:
     ici = tuple(s // d for s, d in zip(shape, dcn))
-    # CPU and GPU devices have no slice_index: each process is one granule of the slow network.
-    process_is_granule = not hasattr(devices[0], "slice_index")
+    # Granules of the slow network: TPU slices when there are several, otherwise processes (hosts).
+    slices = {getattr(d, "slice_index", None) for d in devices}
+    process_is_granule = len(slices) <= 1 or None in slices
     try:
       array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=process_is_granule,
                                                    allow_split_physical_axes=True)
     except (ValueError, AssertionError) as e:
-      _fail(f"{prefix}.dcn_*", f"cannot split the mesh {dict(zip(MESH_AXES, shape))} into ICI {ici} x DCN "
+      field = next(f"dcn_{a}" for a, d in zip(MESH_AXES, dcn) if d > 1)
+      _fail(f"{prefix}.{field}", f"cannot split the mesh {dict(zip(MESH_AXES, shape))} into ICI {ici} x DCN "
             f"{dcn} over these devices: {e}")
   else:
     try:

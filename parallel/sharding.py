@@ -2,7 +2,9 @@
 
 Rules format (the `sharding_rules` config field): a sequence of `(logical_name, mesh_axes)` pairs, where
 mesh_axes is None (replicated), one mesh axis name, or a tuple of mesh axis names (the dimension is split over
-their product, in that order). Each logical name appears at most once.
+their product, in that order). Each logical name appears at most once. The field may also be a string: a
+preset name of RULE_PRESETS, or the literal of such a table (ml_collections cannot override a tuple of pairs
+from the command line, but it can override a string).
 
 Resolving one array's logical axes to a PartitionSpec:
 - a logical name with no rule is an error (a typo in a rules table must not silently replicate);
@@ -20,6 +22,7 @@ Resolving one array's logical axes to a PartitionSpec:
 
 from __future__ import annotations
 
+import ast
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -84,8 +87,25 @@ def _axes_tuple(entry) -> tuple[str, ...]:
   return tuple(entry)
 
 
-def normalize_rules(rules: Rules | Mapping[str, Any], field: str = "sharding_rules") -> dict[str, tuple[str, ...]]:
-  """{logical name: tuple of mesh axes}; a malformed entry raises ParallelConfigError naming `field[i]`."""
+def normalize_rules(rules: Rules | Mapping[str, Any] | str, field: str = "sharding_rules"
+                    ) -> dict[str, tuple[str, ...]]:
+  """{logical name: tuple of mesh axes}; a malformed entry raises ParallelConfigError naming `field[i]`.
+
+  `rules` is a sequence of (logical, mesh axes) pairs, a mapping, or a string: the name of a RULE_PRESETS
+  entry or the Python literal of a pairs table (so that `--config.sharding_rules=fsdp` works on the
+  command line).
+  """
+  if isinstance(rules, str):
+    if rules in RULE_PRESETS:
+      rules = RULE_PRESETS[rules]
+    else:
+      try:
+        rules = ast.literal_eval(rules)
+      except (ValueError, SyntaxError):
+        raise ParallelConfigError(f"{field}: {rules!r} is neither a preset ({', '.join(RULE_PRESETS)}) nor a "
+                                  f"table of (logical, mesh axes) pairs") from None
+      if isinstance(rules, str) or not isinstance(rules, (tuple, list, dict)):
+        raise ParallelConfigError(f"{field}: expected (logical, mesh axes) pairs, got {rules!r}")
   if isinstance(rules, Mapping):
     rules = list(rules.items())
   out: dict[str, tuple[str, ...]] = {}

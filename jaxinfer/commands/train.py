@@ -7,17 +7,16 @@ Running the same command with the same workdir resumes from its latest complete 
 
 from __future__ import annotations
 
+import logging
+
+from jaxinfer.models.config import ConfigError
 from parallel.distributed import initialize_from_env
 
 
 def run(config):
-  import logging
-
-  from jaxinfer.models.config import ConfigError
-
   if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
-
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("Unable to initialize backend 'tpu'")
   try:
     initialize_from_env()  # before anything touches a JAX backend; a no-op for a single process
   except ValueError as e:

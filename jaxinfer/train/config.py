@@ -5,13 +5,11 @@ An experiment's get_config() returns a ConfigDict with:
   model                        jaxinfer.configs.model_section(...)
   data                         jaxinfer.data.data_section(...)
   mesh                         parallel.mesh.mesh_section(...): axis sizes, -1 = the rest of the devices
-  sharding_rules               ((logical, mesh axes), ...): parallel.sharding.DEFAULT_RULES or a preset
+  sharding_rules               ((logical, mesh axes), ...) pairs, or a preset name of parallel.sharding.RULE_PRESETS
   train                        train_section(...) below
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from ml_collections import config_dict
 
@@ -24,7 +22,8 @@ TOP_LEVEL = ("name", "seed", "workdir", "model", "data", "mesh", "sharding_rules
 
 def train_section(**overrides) -> config_dict.ConfigDict:
   s = config_dict.ConfigDict()
-  s.steps = 100
+  s.steps = 100  # the run's length: the learning-rate schedule spans these steps
+  s.stop_after = 0  # > 0: stop (with a checkpoint) after this step, e.g. to split a run over time-limited jobs
   s.batch_size = 8  # global rows per optimizer step (all devices, all accumulation steps)
   s.seq_len = 256
   s.grad_accum = 1  # micro-batches per step: each holds batch_size // grad_accum rows
@@ -39,7 +38,7 @@ def train_section(**overrides) -> config_dict.ConfigDict:
   s.remat = "none"  # none | full | dots | dots_no_batch (jaxinfer.train.remat.POLICIES)
   s.sequence_layout = "contiguous"  # with mesh.sequence > 1: contiguous | striped | zigzag
   s.eval_every = 50  # steps; 0: only at the end
-  s.eval_batches = 4
+  s.eval_batches = 4  # held-out batches of batch_size rows (at most the whole held-out split)
   s.checkpoint_every = 50  # steps; the last step is always saved
   s.keep_checkpoints = 3
   s.async_checkpoint = True
@@ -62,7 +61,6 @@ def training_config(name: str, workdir: str, model, train, data=None, mesh=None,
   """A complete `jaxinfer train` config from its sections (defaults where None)."""
   from jaxinfer.data.dataset import data_section
   from parallel.mesh import mesh_section
-  from parallel.sharding import DEFAULT_RULES
 
   config = config_dict.ConfigDict()
   config.name = name
@@ -71,14 +69,11 @@ def training_config(name: str, workdir: str, model, train, data=None, mesh=None,
   config.model = model
   config.data = data if data is not None else data_section()
   config.mesh = mesh if mesh is not None else mesh_section()
-  config.sharding_rules = tuple(tuple(r) for r in (sharding_rules if sharding_rules is not None else DEFAULT_RULES))
+  # a preset name (overridable as --config.sharding_rules=fsdp) or a tuple of (logical, mesh axes) pairs
+  config.sharding_rules = "default" if sharding_rules is None else (
+      sharding_rules if isinstance(sharding_rules, str) else tuple(tuple(r) for r in sharding_rules))
   config.train = train
   return config
-
-
-@dataclasses.dataclass(frozen=True)
-class Validated:
-  model: ModelConfig
 
 
 def validate_sections(config) -> ModelConfig:
@@ -98,7 +93,7 @@ def validate_sections(config) -> ModelConfig:
   for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints"):
     value = getattr(t, name)
     require(isinstance(value, int) and value >= 1, f"train.{name}", f"must be a positive integer, got {value!r}")
-  for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens"):
+  for name in ("warmup_steps", "eval_every", "checkpoint_every", "sample_tokens", "stop_after"):
     value = getattr(t, name)
     require(isinstance(value, int) and value >= 0, f"train.{name}", f"must be an integer >= 0, got {value!r}")
   require(t.batch_size % t.grad_accum == 0, "train.grad_accum",

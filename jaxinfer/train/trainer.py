@@ -17,13 +17,11 @@ import shutil
 import statistics
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxinfer.data.dataset import prepare_dataset
 from jaxinfer.data.packing import BatchIterator, eval_batches
@@ -166,7 +164,11 @@ def train(config) -> TrainResult:
   start_step, position = 0, 0
   if latest is not None:
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract_state, state_sh)
-    state, meta = checkpointer.restore(latest[0], target)
+    try:
+      state, meta = checkpointer.restore(latest[0], target)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f"workdir: the checkpoint at step {latest[0]} in {workdir} does not fit this run's training "
+                        f"state (were optimizer settings such as train.grad_clip changed?): {e}") from None
     start_step, position = int(meta["step"]), int(meta["data_position"])
     log.info("resumed from %s at step %d (data position %d)", workdir / "checkpoints", start_step, position)
   else:
@@ -186,7 +188,8 @@ def train(config) -> TrainResult:
   rows = _local_rows(data_sh, batch_shape)
   iterator = BatchIterator(ds.train, t.batch_size, accum, seed=config.data.seed, position=position,
                            local_rows=rows, layout=layout, layout_shards=seq_shards)
-  held_out = eval_batches(ds.eval, micro, t.eval_batches, local_rows=rows, layout=layout,
+  # eval_batches counts batches of batch_size rows, run as micro-batches (the compiled eval shape)
+  held_out = eval_batches(ds.eval, micro, t.eval_batches * accum, local_rows=rows, layout=layout,
                           layout_shards=seq_shards) if ds.eval.num_rows else []
 
   def to_device(batch, shape):
@@ -196,10 +199,16 @@ def train(config) -> TrainResult:
   log.info("mesh %s over %d devices (%d processes); model %s, %.2fM params; batch %d x %d tokens, grad_accum %d, "
            "remat %s", mesh_summary(mesh), mesh.size, jax.process_count(), cfg.model_type,
            sum(math.prod(s) for s in shapes.values()) / 1e6, t.batch_size, t.seq_len, accum, t.remat)
-  compile_start = time.perf_counter()
-  train_fn, eval_fn = compile_steps(step_graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh, rules)
-  compile_s = time.perf_counter() - compile_start
-  log.info("compiled train and eval steps in %.1fs", compile_s)
+  end_step = min(t.steps, t.stop_after) if t.stop_after else t.steps
+  compile_s = 0.0
+  if start_step < end_step:
+    compile_start = time.perf_counter()
+    train_fn, eval_fn = compile_steps(step_graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh,
+                                      rules)
+    compile_s = time.perf_counter() - compile_start
+    log.info("compiled train and eval steps in %.1fs", compile_s)
+  else:
+    log.info("the checkpoint is already at step %d of %d: nothing to train", start_step, end_step)
   flops_per_token = train_flops_per_token(cfg, t.seq_len)
   peak, peak_note = peak_flops_per_device(override=t.peak_flops_per_device)
   if leader:
@@ -223,14 +232,15 @@ def train(config) -> TrainResult:
   bar = None
   if leader and t.progress:
     from tqdm.auto import tqdm
-    bar = tqdm(total=t.steps, initial=start_step, desc=config.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=end_step, initial=min(start_step, end_step), desc=config.name, unit="step",
+               dynamic_ncols=True)
   train_start = time.perf_counter()
   try:
-    next_batch = to_device(next(iterator), batch_shape) if start_step < t.steps else None
+    next_batch = to_device(next(iterator), batch_shape) if start_step < end_step else None
     last = time.perf_counter()
-    for step in range(start_step + 1, t.steps + 1):
+    for step in range(start_step + 1, end_step + 1):
       state, m = train_fn(state, next_batch)
-      if step < t.steps:
+      if step < end_step:
         next_batch = to_device(next(iterator), batch_shape)  # overlaps with the step running on the devices
       m = jax.device_get(m)
       now = time.perf_counter()
@@ -239,10 +249,11 @@ def train(config) -> TrainResult:
       record = {"step": step, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                 "learning_rate": float(schedule(step - 1)), "tokens_per_sec": tps,
                 "mfu": flops_per_token * tps / (peak * mesh.size) if peak else None,
-                "step_time_s": dt, "loss_tokens": int(m["loss_tokens"]), "epoch": iterator.epoch}
+                "step_time_s": dt, "loss_tokens": int(m["loss_tokens"]),
+                "epoch": (position + step - start_step) * t.batch_size / ds.train.num_rows}
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
-      if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+      if (t.eval_every and step % t.eval_every == 0) or step == end_step:
         eval_loss = evaluate()
         if eval_loss is not None:
           record.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
@@ -252,8 +263,10 @@ def train(config) -> TrainResult:
       if bar is not None:
         bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=False)
         bar.update(1)
-      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps:
-        checkpointer.save(step, state, dict(meta_base, step=step, data_position=iterator.position))
+      if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == end_step:
+        # batches consumed by the steps so far (the iterator itself is one ahead: it prefetched the next batch)
+        consumed = position + (step - start_step)
+        checkpointer.save(step, state, dict(meta_base, step=step, data_position=consumed))
         if kill_at == step:
           os.kill(os.getpid(), signal.SIGKILL)
         last = time.perf_counter()
@@ -265,16 +278,17 @@ def train(config) -> TrainResult:
   train_s = time.perf_counter() - train_start
 
   # ------------------------------------------------------------------ export, samples, report
-  final_step = max(start_step, t.steps)
+  final_step = max(start_step, end_step)
+  finished = final_step >= t.steps
   host_params = _to_host(state["params"])
   trained = nnx.merge(graphdef, host_params)
   samples: list[tuple[str, str]] = []
-  if leader and t.export_hf:
+  if leader and t.export_hf and finished:
     from jaxinfer.checkpoint.hf import save_hf
     save_hf(trained, workdir / "hf")
     shutil.copyfile(ds.tokenizer_file, workdir / "hf" / "tokenizer.json")
     log.info("exported Hugging Face checkpoint to %s", workdir / "hf")
-  if t.sample_prompts and t.sample_tokens and jax.process_count() == 1:
+  if t.sample_prompts and t.sample_tokens and jax.process_count() == 1 and finished:
     samples = sample_continuations(trained, ds.tokenizer, tuple(t.sample_prompts), t.sample_tokens,
                                    t.sample_temperature, t.sample_top_k, config.seed, ds.eos_id)
     for prompt, text in samples:
@@ -282,7 +296,7 @@ def train(config) -> TrainResult:
   if leader:
     records = read_metrics(workdir / "metrics.jsonl")
     _write_report(config, cfg, mesh, workdir, records, ds.stats, samples, compile_s, train_s, peak_note,
-                  flops_per_token)
+                  flops_per_token, sum(math.prod(s) for s in shapes.values()))
   _barrier("jaxinfer_train_done")
   return TrainResult(workdir, start_step, final_step, losses, eval_loss, ds.stats, samples)
 
@@ -299,10 +313,10 @@ def sample_continuations(model, tokenizer, prompts, max_new_tokens, temperature,
 
 
 def _write_report(config, cfg, mesh, workdir, records, stats, samples, compile_s, train_s, peak_note,
-                  flops_per_token):
+                  flops_per_token, num_params):
   train_records = [r for r in records if "loss" in r]
   evals = [r for r in records if "eval_loss" in r]
-  steady = [r for r in train_records[1:]] or train_records
+  steady = train_records[1:] or train_records
   last_losses = [r["loss"] for r in train_records[-10:]]
   entropy = stats.get("unigram_entropy_nats")
   plot_losses(records, workdir / "loss_curve.png", entropy, title=f"{config.name}: {cfg.model_type} "
@@ -313,8 +327,7 @@ def _write_report(config, cfg, mesh, workdir, records, stats, samples, compile_s
       ("steps", train_records[-1]["step"] if train_records else 0),
       ("tokens seen", (train_records[-1]["step"] if train_records else 0) * config.train.batch_size
        * config.train.seq_len),
-      ("parameters", sum(math.prod(s) for s in param_shapes(nnx.split(nnx.eval_shape(
-          lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1]).values())),
+      ("parameters", num_params),
       ("mesh", mesh_summary(mesh)),
       ("first train loss (nats/token)", train_records[0]["loss"] if train_records else None),
       ("final train loss, mean of last 10 steps", sum(last_losses) / len(last_losses) if last_losses else None),
