@@ -1,4 +1,5 @@
-"""jaxinfer.Engine: continuous batching over a paged KV cache, with chunked prefill and preemption.
+"""jaxinfer.Engine: continuous batching over a paged KV cache, with chunked prefill and preemption, and
+optionally prefix caching (enable_prefix_caching) and shared-prefix attention (enable_shared_prefix_attention).
 
   engine = jaxinfer.Engine(model, max_batch_size=16, page_size=16, num_pages=256, max_step_tokens=128)
   rid = engine.add_request(prompt_ids, sampling=SamplingParams(temperature=0.8, seed=1), max_new_tokens=64)
@@ -24,6 +25,7 @@ from flax import nnx
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.allocator import PageAllocator
 from jaxinfer.engine.paged_cache import PagedKVCache
+from jaxinfer.engine.prefix_cache import PrefixCachingAllocator
 from jaxinfer.engine.request import (CANCELLED, LENGTH, STOP, QueueFullError, Request, RequestOutput,
                                      RequestRejected, UnknownRequestError)
 from jaxinfer.engine.scheduler import Scheduler
@@ -60,12 +62,23 @@ class Engine:
     interpret: run Pallas attention kernels in interpret mode (CPU testing).
     separate_compile: before the first step of each (token, sequence) bucket, compile its program with an
       empty step timed into stats["compile_seconds"], so benchmarks can take compilation out of step times.
+    enable_prefix_caching: keep full KV pages after their requests finish, named by a chain hash of their
+      tokens, and let new requests reuse the pages of their longest cached prefix (reference-counted,
+      copy-on-write, evicted least-recently-used only when the pool needs room).
+    enable_shared_prefix_attention: decodes sharing prefix pages attend over the prefix once per group as a
+      batched matrix product (Hydragen), merged with their own suffix attention by log-sum-exp. Needs
+      enable_prefix_caching (pages are only shared through the cache).
+    max_prefix_groups: most prefix groups in one step (the group count is padded to a power of two up to it).
+    min_shared_prefix_pages: smallest shared prefix, in pages, worth a group.
+    shared_prefix_impl: implementation of pallas_kernels.shared_prefix_attention.paged_prefix_attention.
   """
 
   def __init__(self, model, *, max_batch_size: int = 32, page_size: int = 16, num_pages: int | None = None,
                max_step_tokens: int = 256, max_queue: int = 1024, attention_impl: str | None = None,
                max_model_len: int | None = None, chunked_prefill: bool = True, min_token_bucket: int = 16,
-               min_seq_bucket: int = 4, interpret: bool = False, separate_compile: bool = False):
+               min_seq_bucket: int = 4, interpret: bool = False, separate_compile: bool = False,
+               enable_prefix_caching: bool = False, enable_shared_prefix_attention: bool = False,
+               max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1, shared_prefix_impl: str | None = None):
     cfg = model.config
     self.config = cfg
     self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
@@ -94,18 +107,39 @@ class Engine:
     self.attention_impl = attention_impl
     self.interpret = bool(interpret)
     self.separate_compile = bool(separate_compile)
-    self._shapes_seen: set[tuple[int, int]] = set()
+    self.enable_prefix_caching = bool(enable_prefix_caching)
+    self.enable_shared_prefix_attention = bool(enable_shared_prefix_attention)
+    if self.enable_shared_prefix_attention and not self.enable_prefix_caching:
+      raise ValueError("Engine: enable_shared_prefix_attention=True needs enable_prefix_caching=True (sequences "
+                       "only share prefix pages through the prefix cache)")
+    self.max_prefix_groups = _positive_int("max_prefix_groups", max_prefix_groups)
+    self.min_shared_prefix_pages = _positive_int("min_shared_prefix_pages", min_shared_prefix_pages)
+    from pallas_kernels.shared_prefix_attention import PAGED_IMPLEMENTATIONS
+    if shared_prefix_impl is not None and shared_prefix_impl not in PAGED_IMPLEMENTATIONS:
+      raise ValueError(f"Engine: shared_prefix_impl={shared_prefix_impl!r} is not one of "
+                       f"{sorted(PAGED_IMPLEMENTATIONS)}")
+    self.shared_prefix_impl = shared_prefix_impl
+    self._shapes_seen: set[tuple[int, int, int]] = set()
     self.pages_per_seq = -(-self.max_model_len // self.page_size)
     self.token_buckets = step_lib.buckets(min(_positive_int("min_token_bucket", min_token_bucket),
                                               self.max_step_tokens), self.max_step_tokens)
     self.seq_buckets = step_lib.buckets(min(_positive_int("min_seq_bucket", min_seq_bucket), self.max_batch_size),
                                         self.max_batch_size)
+    # prefix-group counts a step may carry (0: no shared-prefix attention in that step)
+    self.group_buckets = (0,) + (step_lib.buckets(1, self.max_prefix_groups)
+                                 if self.enable_shared_prefix_attention else ())
+    self.copy_buckets = step_lib.buckets(1, self.max_batch_size)
 
     self._graphdef, self._state = nnx.split(model)
     self._k_pages, self._v_pages = PagedKVCache.create_pools(cfg, self.num_pages, self.page_size)
-    self.allocator = PageAllocator(self.num_pages)
+    self.allocator = (PrefixCachingAllocator(self.num_pages) if self.enable_prefix_caching
+                      else PageAllocator(self.num_pages))
     self.scheduler = Scheduler(self.allocator, page_size=self.page_size, max_batch_size=self.max_batch_size,
-                               max_step_tokens=self.max_step_tokens, chunked_prefill=self.chunked_prefill)
+                               max_step_tokens=self.max_step_tokens, chunked_prefill=self.chunked_prefill,
+                               prefix_caching=self.enable_prefix_caching,
+                               group_prefixes=self.enable_shared_prefix_attention,
+                               max_prefix_groups=self.max_prefix_groups,
+                               min_shared_prefix_pages=self.min_shared_prefix_pages)
     self._requests: dict[int, Request] = {}  # unfinished
     self._finish_reasons: dict[int, str] = {}  # finished: id -> reason
     self._pending_outputs: list[RequestOutput] = []  # returned by the next step()
@@ -113,18 +147,60 @@ class Engine:
     self._compilations_at_start = step_lib.compilation_count()
     # steps run; requests preempted; tokens run through the model (real / padded); tokens sampled; prefill
     # chunks that ended before their prompt did (chunked prefill at work); most sequences in one step
+    # prefix caching (see prefix_stats): page copies made; shared-prefix attention: groups run (summed over
+    # steps), decode rows served through a group, prefix keys those rows did not each read again
     self.stats = {"steps": 0, "preemptions": 0, "scheduled_tokens": 0, "padded_tokens": 0, "generated_tokens": 0,
-                  "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0}
+                  "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
+                  "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0}
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
-             "chunked_prefill=%s; token buckets %s, sequence buckets %s", self.num_pages, self.page_size,
-             cfg.num_layers, self.max_batch_size, self.max_step_tokens, self.max_model_len, self.chunked_prefill,
-             self.token_buckets, self.seq_buckets)
+             "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s; token buckets %s, sequence "
+             "buckets %s", self.num_pages, self.page_size, cfg.num_layers, self.max_batch_size, self.max_step_tokens,
+             self.max_model_len, self.chunked_prefill, self.enable_prefix_caching,
+             self.enable_shared_prefix_attention, self.token_buckets, self.seq_buckets)
 
   # ------------------------------------------------------------------ introspection
   @property
   def max_programs(self) -> int:
-    """Upper bound on the step programs this engine can compile."""
-    return len(self.token_buckets) * len(self.seq_buckets)
+    """Upper bound on the step programs this engine can compile (page-copy programs not included: at most
+    len(copy_buckets) more, with prefix caching)."""
+    return len(self.token_buckets) * len(self.seq_buckets) * len(self.group_buckets)
+
+  @property
+  def prefix_stats(self) -> dict:
+    """Prefix cache counters: admissions looked up, admissions that reused cached tokens, tokens reused
+    (not recomputed), copy-on-write page copies, pages evicted, pages cached now (in use or evictable)."""
+    sch = self.scheduler
+    cached = self.allocator.num_cached if self.enable_prefix_caching else 0
+    evicted = self.allocator.num_evictions if self.enable_prefix_caching else 0
+    return {"queries": sch.prefix_queries, "hits": sch.prefix_hits, "hit_tokens": sch.prefix_hit_tokens,
+            "copies": sch.cow_copies, "evictions": evicted, "cached_pages": cached}
+
+  def check_pages(self) -> dict:
+    """Checks the page pool and returns {"free", "cached_idle", "in_use"} page counts.
+
+    Always: every page is exactly one of free / cached-and-evictable / in use, and the cache's tables agree.
+    Every in-use page's reference count equals the number of unfinished requests holding it. When no request
+    is unfinished, every count is 0 (all pages free or merely cached-and-evictable). Raises AssertionError
+    naming the page otherwise."""
+    self.allocator.check_consistency()
+    holders: dict[int, int] = {}
+    for r in self.scheduler.running + self.scheduler.waiting:
+      for p in r.pages:
+        holders[p] = holders.get(p, 0) + 1
+    for p in self.scheduler._pinned:
+      holders[p] = holders.get(p, 0) + 1
+    for p in range(self.num_pages):
+      count = self.allocator.refcount(p)
+      assert count == holders.get(p, 0), f"page {p}: reference count {count}, held by {holders.get(p, 0)}"
+    in_use = sum(1 for p in range(self.num_pages) if self.allocator.refcount(p) > 0)
+    cached_idle = self.allocator.num_evictable if self.enable_prefix_caching else 0
+    if not self.has_unfinished():
+      assert in_use == 0, f"{in_use} pages still referenced with no request unfinished"
+    return {"free": self.allocator.num_free - cached_idle, "cached_idle": cached_idle, "in_use": in_use}
+
+  def reset_prefix_cache(self) -> int:
+    """Forgets every cached page nobody uses (they become plain free pages); returns how many."""
+    return self.allocator.reset_cache() if self.enable_prefix_caching else 0
 
   @property
   def compilations(self) -> int:
@@ -248,17 +324,19 @@ class Engine:
       log.debug("engine: preempted request %d (%d tokens to recompute)", r.request_id, r.num_tokens)
     seqs = schedule.seqs
     if not seqs:
+      self.scheduler.release_copy_sources()
       return outputs
     num_tokens = schedule.num_tokens
     t_pad = step_lib.pick_bucket(num_tokens, self.token_buckets)
     s_pad = step_lib.pick_bucket(len(seqs), self.seq_buckets)
-    if (t_pad, s_pad) not in self._shapes_seen:
-      self._shapes_seen.add((t_pad, s_pad))
+    g_pad = step_lib.pick_bucket(len(schedule.groups), self.group_buckets) if schedule.groups else 0
+    if (t_pad, s_pad, g_pad) not in self._shapes_seen:
+      self._shapes_seen.add((t_pad, s_pad, g_pad))
       if self.separate_compile:
         start = time.perf_counter()
-        self._run_empty(t_pad, s_pad)
+        self._run_empty(t_pad, s_pad, g_pad)
         self.stats["compile_seconds"] += time.perf_counter() - start
-    batch = self._empty_batch(t_pad, s_pad)
+    batch = self._empty_batch(t_pad, s_pad, g_pad)
     offset = 0
     for i, s in enumerate(seqs):
       r, n = s.request, s.num_tokens
@@ -273,9 +351,22 @@ class Engine:
       batch["min_p"][i], batch["seeds"][i] = sp.min_p, sp.seed
     batch["cu_q_lens"][len(seqs) + 1:] = offset
     batch["num_seqs"] = np.int32(len(seqs))
+    for g, group in enumerate(schedule.groups):
+      members = range(group.first, group.first + group.num_seqs)
+      prefix = group.num_pages * self.page_size
+      batch["group_table"][g, :group.num_pages] = seqs[group.first].request.pages[:group.num_pages]
+      batch["group_lens"][g] = prefix
+      batch["group_rows"][g, :group.num_seqs] = batch["cu_q_lens"][group.first:group.first + group.num_seqs]
+      batch["seq_prefix_lens"][members.start:members.stop] = prefix
+      self.stats["shared_prefix_groups"] += 1
+      self.stats["shared_prefix_seqs"] += group.num_seqs
+      self.stats["shared_prefix_tokens_saved"] += (group.num_seqs - 1) * prefix
+    if schedule.copies:
+      self._copy_pages(schedule.copies)
+    self.scheduler.release_copy_sources()
     tokens, logprobs, self._k_pages, self._v_pages = step_lib.engine_step(
         self._graphdef, self._state, self._k_pages, self._v_pages, batch, attention_impl=self.attention_impl,
-        interpret=self.interpret)
+        prefix_impl=self.shared_prefix_impl, interpret=self.interpret)
     tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
     self.stats["steps"] += 1
     self.stats["scheduled_tokens"] += num_tokens
@@ -300,8 +391,22 @@ class Engine:
                                    [r.logprobs[-1]] if r.sampling.logprobs else None))
     return outputs
 
-  def _empty_batch(self, t_pad: int, s_pad: int) -> dict:
-    return {
+  def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write: copies page src into page dst in every layer's pools (one small jitted program)."""
+    n = step_lib.pick_bucket(len(copies), self.copy_buckets)
+    src = np.zeros((n,), np.int32)
+    dst = np.full((n,), self.num_pages, np.int32)  # padding: out of the pool, dropped
+    src[:len(copies)], dst[:len(copies)] = zip(*copies)
+    self._k_pages, self._v_pages = step_lib.copy_pages(self._k_pages, self._v_pages, src, dst)
+
+  def _empty_batch(self, t_pad: int, s_pad: int, g_pad: int = 0) -> dict:
+    groups = {} if not g_pad else {
+        "group_rows": np.full((g_pad, s_pad), t_pad, np.int32),  # padding members: row t_pad, dropped
+        "group_table": np.zeros((g_pad, self.pages_per_seq), np.int32),
+        "group_lens": np.zeros((g_pad,), np.int32),
+        "seq_prefix_lens": np.zeros((s_pad,), np.int32),
+    }
+    return groups | {
         "tokens": np.zeros((t_pad,), np.int32),
         "positions": np.zeros((t_pad,), np.int32),
         "cu_q_lens": np.zeros((s_pad + 1,), np.int32),
@@ -321,13 +426,14 @@ class Engine:
     before = step_lib.compilation_count()
     for t_pad in self.token_buckets:
       for s_pad in self.seq_buckets:
-        self._run_empty(t_pad, s_pad)
+        for g_pad in self.group_buckets:
+          self._run_empty(t_pad, s_pad, g_pad)
     return step_lib.compilation_count() - before
 
-  def _run_empty(self, t_pad: int, s_pad: int) -> None:
+  def _run_empty(self, t_pad: int, s_pad: int, g_pad: int = 0) -> None:
     tokens, _, self._k_pages, self._v_pages = step_lib.engine_step(
-        self._graphdef, self._state, self._k_pages, self._v_pages, self._empty_batch(t_pad, s_pad),
-        attention_impl=self.attention_impl, interpret=self.interpret)
+        self._graphdef, self._state, self._k_pages, self._v_pages, self._empty_batch(t_pad, s_pad, g_pad),
+        attention_impl=self.attention_impl, prefix_impl=self.shared_prefix_impl, interpret=self.interpret)
     tokens.block_until_ready()
 
   # ------------------------------------------------------------------ drivers

@@ -11,6 +11,14 @@ sequence s owning rows cu_q_lens[s]:cu_q_lens[s+1] (its newest tokens, positions
   finish(layer_kvs, n)           -> the cache holding the updated pools
 
 Token at position p of sequence s lives in page page_table[s, p // page_size] at offset p % page_size.
+
+Shared-prefix attention (Hydragen; when the step carries prefix groups): group g is a set of decode rows
+(group_rows[g]) whose sequences hold the same physical pages group_table[g] at the start of their page tables,
+group_lens[g] tokens. Their attention over that prefix is computed once per group as a batched matrix product
+over all their queries (pallas_kernels.shared_prefix_attention.paged_prefix_attention, reading the prefix's
+pages once); every sequence attends over its own remaining pages with ragged_paged_attention through a page
+table shifted by seq_prefix_lens[s] // page_size (kv_lens reduced alike; 0 for sequences in no group, which
+so take the normal path); the two partials are merged exactly by their log-sum-exps.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
+from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
 
 def token_sequence(cu_q_lens, num_seqs, num_tokens: int):
@@ -40,7 +49,13 @@ class PagedKVCache:
   cu_q_lens: jax.Array  # [max_seqs + 1] int32: row offsets of each sequence's new tokens
   num_seqs: jax.Array  # scalar int32: sequences in this step (the rest of the arrays are padding)
   slots: jax.Array | None = None  # [max_tokens] int32: flat pool slot of each new token (set by begin)
+  # shared-prefix attention (all None: every sequence attends over its own pages only)
+  group_rows: jax.Array | None = None  # [groups, max_seqs] int32: row of each member's decode token (pad: T)
+  group_table: jax.Array | None = None  # [groups, pages_per_seq] int32: the group's prefix pages
+  group_lens: jax.Array | None = None  # [groups] int32: prefix tokens (a page multiple; 0: unused group)
+  seq_prefix_lens: jax.Array | None = None  # [max_seqs] int32: prefix tokens its group covers (0: none)
   attention_impl: str | None = struct.field(pytree_node=False, default=None)
+  prefix_impl: str | None = struct.field(pytree_node=False, default=None)
   interpret: bool = struct.field(pytree_node=False, default=False)
 
   @staticmethod
@@ -78,7 +93,7 @@ class PagedKVCache:
 
     `implementation` (the model's flash-attention choice) does not apply here: the paged kernel's
     implementation is the engine's `attention_impl`."""
-    del positions, segment_ids, implementation
+    del segment_ids, implementation
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
@@ -86,11 +101,36 @@ class PagedKVCache:
     flat = (kp.shape[0] * kp.shape[1],) + kp.shape[2:]
     kp = kp.reshape(flat).at[self.slots].set(k[0].astype(kp.dtype), mode="drop").reshape(kp.shape)
     vp = vp.reshape(flat).at[self.slots].set(v[0].astype(vp.dtype), mode="drop").reshape(vp.shape)
-    out = pallas_kernels.ragged_paged_attention(
-        q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,
-        self.num_seqs, sliding_window=sliding_window, implementation=self.attention_impl,
-        interpret=self.interpret)
+    if self.group_table is None:
+      out = pallas_kernels.ragged_paged_attention(
+          q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,
+          self.num_seqs, sliding_window=sliding_window, implementation=self.attention_impl,
+          interpret=self.interpret)
+    else:
+      out = self._shared_prefix_attend(q[0], kp.astype(q.dtype), vp.astype(q.dtype), positions[0], sliding_window)
     return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp)
+
+  def _shared_prefix_attend(self, q, kp, vp, positions, sliding_window):
+    """q [T, heads, d] -> [T, heads, d]: prefix part once per group + each sequence's suffix, lse-merged."""
+    t = q.shape[0]
+    ps, pps = self.page_size, self.page_table.shape[1]
+    shift = self.seq_prefix_lens // ps  # [S] pages each sequence's group covers
+    cols = jnp.clip(jnp.arange(pps, dtype=jnp.int32)[None, :] + shift[:, None], 0, pps - 1)
+    suffix_table = jnp.take_along_axis(self.page_table, cols, axis=1)
+    out_s, lse_s = pallas_kernels.ragged_paged_attention(
+        q, kp, vp, suffix_table, self.kv_lens - self.seq_prefix_lens, self.cu_q_lens, self.num_seqs,
+        sliding_window=sliding_window, return_lse=True, implementation=self.attention_impl,
+        interpret=self.interpret)
+    rows = jnp.clip(self.group_rows, 0, t - 1)  # padding members compute something nobody keeps
+    out_p, lse_p = paged_prefix_attention(q[rows], kp, vp, self.group_table, self.group_lens,
+                                          q_positions=positions[rows].astype(jnp.int32),
+                                          sliding_window=sliding_window, implementation=self.prefix_impl)
+    flat_rows = self.group_rows.reshape(-1)
+    out_pt = jnp.zeros(q.shape, jnp.float32).at[flat_rows].set(out_p.reshape(-1, *q.shape[1:]), mode="drop")
+    lse_pt = jnp.full(q.shape[:2], -jnp.inf, jnp.float32).at[flat_rows].set(lse_p.reshape(-1, q.shape[1]),
+                                                                             mode="drop")
+    out, _ = merge_partials(out_pt, lse_pt, out_s, lse_s)
+    return out
 
   def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
     del num_tokens

@@ -61,6 +61,11 @@ class Request:
   num_computed: int = 0  # tokens whose k/v are in the pool
   num_preemptions: int = 0
   finish_reason: str | None = None
+  # prefix caching: chain hashes of the full pages of its tokens (computed as needed; tokens never change, so
+  # they survive preemption), how many of `pages` are known to the cache, tokens reused at admission
+  page_hashes: list[int] = dataclasses.field(default_factory=list)
+  num_registered_pages: int = 0
+  num_cached_tokens: int = 0
 
   @property
   def num_tokens(self) -> int:

@@ -12,6 +12,19 @@ always later arrivals, so the earliest running request can always proceed: nothi
 
 With chunked_prefill=False a prompt is only ever scheduled whole (for the serving comparison); the budget
 must then hold a whole max-length prompt beside a full batch of decodes.
+
+Prefix caching (prefix_caching=True, with a PrefixCachingAllocator): on admission a request takes references
+on the cached pages of its longest cached prefix and starts its prefill after them, always leaving at least
+its last token to compute (its logits are needed). When the cached prefix ends inside a page (divergence
+inside a page, or a fully cached prompt whose last page holds that last token) the best matching cached page
+is copied into a fresh page of the request's own (copy-on-write: the copy is in Schedule.copies, applied
+before the step; the source is pinned until then) and its common tokens are not recomputed. A sequence so
+never writes into a page anyone else holds: shared pages are full and already computed. Every full page a
+step completes is named in the cache as it is scheduled.
+
+Prefix groups (group_prefixes=True): decoding sequences whose page tables start with the same physical pages
+are put in contiguous rows, one Schedule.groups entry per group (at most max_prefix_groups, the largest
+savings first), so the step can attend over each shared prefix once for the whole group.
 """
 
 from __future__ import annotations
@@ -19,7 +32,10 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
+import numpy as np
+
 from jaxinfer.engine.allocator import PageAllocator
+from jaxinfer.engine.prefix_cache import ROOT_HASH, PrefixCachingAllocator, page_hash
 from jaxinfer.engine.request import Request, Status
 
 
@@ -36,9 +52,19 @@ class ScheduledSeq:
 
 
 @dataclasses.dataclass
+class PrefixGroup:
+  """Schedule.seqs[first:first + num_seqs] are decodes whose page tables start with the same num_pages pages."""
+  first: int
+  num_seqs: int
+  num_pages: int
+
+
+@dataclasses.dataclass
 class Schedule:
   seqs: list[ScheduledSeq]
   preempted: list[Request]
+  copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (src, dst) pages, before the step
+  groups: list[PrefixGroup] = dataclasses.field(default_factory=list)
 
   @property
   def num_tokens(self) -> int:
@@ -47,8 +73,22 @@ class Schedule:
 
 class Scheduler:
   def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch_size: int, max_step_tokens: int,
-               chunked_prefill: bool = True):
+               chunked_prefill: bool = True, prefix_caching: bool = False, group_prefixes: bool = False,
+               max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1):
+    if prefix_caching and not isinstance(allocator, PrefixCachingAllocator):
+      raise ValueError("prefix_caching needs a PrefixCachingAllocator")
     self.allocator = allocator
+    self.prefix_caching = prefix_caching
+    self.group_prefixes = group_prefixes
+    self.max_prefix_groups = max_prefix_groups
+    self.min_shared_prefix_pages = max(1, min_shared_prefix_pages)
+    # prefix-cache counters: admissions looked up, admissions that reused tokens, tokens reused, page copies
+    self.prefix_queries = 0
+    self.prefix_hits = 0
+    self.prefix_hit_tokens = 0
+    self.cow_copies = 0
+    self._pinned: list[int] = []  # sources of this step's copies, held until the copy has run
+    self._pending: set[int] = set()  # pages named in the cache by this schedule (computed by its step)
     self.page_size = page_size
     self.max_batch_size = max_batch_size
     self.max_step_tokens = max_step_tokens
@@ -102,10 +142,160 @@ class Scheduler:
       self.allocator.decref(request.pages)
     request.pages = []
 
+  def release_copy_sources(self) -> None:
+    """Drops the pins on this step's copy-on-write sources (call once the copy has been issued)."""
+    if self._pinned:
+      self.allocator.decref(self._pinned)
+      self._pinned = []
+
+  # ------------------------------------------------------------------ prefix cache
+  def _hashes(self, request: Request, num_pages: int) -> list[int]:
+    """Chain hashes of the request's first num_pages full pages (computed once, kept across preemption)."""
+    hs, ps = request.page_hashes, self.page_size
+    while len(hs) < num_pages:
+      i = len(hs)
+      hs.append(page_hash(hs[-1] if hs else ROOT_HASH, request.token_slice(i * ps, (i + 1) * ps)))
+    return hs
+
+  def _match(self, request: Request):
+    """(cached pages of its longest cached prefix of full pages, (source page, tokens) of the best partial
+    match of the page after them or None), never covering the request's last token."""
+    ps, cache = self.page_size, self.allocator
+    limit = request.num_tokens - 1  # the last token is always computed: its logits give the next token
+    full: list[int] = []
+    parent = ROOT_HASH
+    for i in range(limit // ps):
+      h = self._hashes(request, i + 1)[i]
+      page = cache.lookup(h, parent, tuple(request.token_slice(i * ps, (i + 1) * ps)))
+      if page is None:
+        break
+      full.append(page)
+      parent = h
+    partial = None
+    start = len(full) * ps
+    if start < limit:
+      src, m = cache.best_partial(parent, request.token_slice(start, min(start + ps, limit)), exclude=self._pending)
+      if m > 0:
+        partial = (src, m)
+    return full, partial
+
+  def _register(self, request: Request, num_tokens: int) -> None:
+    """Names in the cache the request's full pages among its first num_tokens tokens (computed by this step
+    or before)."""
+    ps, cache = self.page_size, self.allocator
+    n = min(num_tokens // ps, len(request.pages))
+    if n <= request.num_registered_pages:
+      return
+    hs = self._hashes(request, n)
+    for i in range(request.num_registered_pages, n):
+      page = request.pages[i]
+      if cache.register(page, hs[i], hs[i - 1] if i else ROOT_HASH,
+                        tuple(request.token_slice(i * ps, (i + 1) * ps))):
+        self._pending.add(page)
+    request.num_registered_pages = n
+
+  def _admission_plan(self, request: Request, budget: int):
+    """(cached full pages, partial match or None, tokens to run, fresh pages) for admitting the request now,
+    or None if it does not fit. Falls back to no partial reuse when the copy's pinned source would not fit."""
+    n_total = request.num_tokens
+    if self.prefix_caching:
+      full, partial = self._match(request)
+      options = ([(full, partial)] if partial else []) + [(full, None)]
+    else:
+      options = [([], None)]
+    for full, partial in options:
+      reuse = len(full) * self.page_size + (partial[1] if partial else 0)
+      n = n_total - reuse
+      if self.chunked_prefill:
+        n = min(n, budget)
+      elif n > budget:
+        continue
+      fresh = self.pages_for(reuse + n) - len(full)
+      if self.prefix_caching:
+        revive = sum(1 for p in full if self.allocator.refcount(p) == 0)
+        revive += 1 if partial and self.allocator.refcount(partial[0]) == 0 else 0
+        if fresh + revive <= self.allocator.num_free:
+          return full, partial, n, fresh
+      elif self.allocator.can_allocate(fresh):
+        return full, partial, n, fresh
+    return None
+
+  def _admit(self, request: Request, plan, copies: list) -> int:
+    """Takes the pages of an admission plan; returns the tokens to run."""
+    full, partial, n, fresh = plan
+    if self.prefix_caching:
+      self.allocator.acquire(full)
+      if partial:
+        self.allocator.acquire([partial[0]])
+        self._pinned.append(partial[0])
+    request.pages = list(full) + self.allocator.allocate(fresh)
+    reuse = len(full) * self.page_size + (partial[1] if partial else 0)
+    request.num_computed = reuse
+    request.num_registered_pages = len(full)
+    request.num_cached_tokens = reuse
+    if partial:
+      copies.append((partial[0], request.pages[len(full)]))
+      self.cow_copies += 1
+    if self.prefix_caching:
+      self.prefix_queries += 1
+      self.prefix_hits += reuse > 0
+      self.prefix_hit_tokens += reuse
+    return n
+
+  # ------------------------------------------------------------------ prefix groups
+  def _group(self, seqs: list[ScheduledSeq]) -> tuple[list[ScheduledSeq], list[PrefixGroup]]:
+    """Reorders seqs so that decodes sharing their first pages are contiguous; returns them and the groups.
+
+    Decodes are bucketed by their first page. In a bucket, the member with the longest computed prefix is the
+    reference; each other member's shared length with it is measured, and the group takes the prefix length
+    n that saves the most prefix reads ((members - 1) * n) together with every member sharing at least n
+    pages. The rest of the bucket is grouped again the same way, so a tree of prefixes (a system prompt, then
+    a few longer shared contexts under it) becomes several groups, each sequence in at most one."""
+    ps = self.page_size
+    by_first: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+      # only decodes: every page wholly before the new token is computed (and a shared page is always full)
+      if s.num_tokens == 1 and s.start // ps >= self.min_shared_prefix_pages:
+        by_first.setdefault(s.request.pages[0], []).append(i)
+    found = []
+    for members in by_first.values():
+      while len(members) >= 2:
+        ref = max(members, key=lambda i: seqs[i].start)
+        n_ref = seqs[ref].start // ps
+        ref_pages = np.asarray(seqs[ref].request.pages[:n_ref])
+        common = {}
+        for i in members:
+          if i != ref:
+            n = min(n_ref, seqs[i].start // ps)
+            differ = np.flatnonzero(np.asarray(seqs[i].request.pages[:n]) != ref_pages[:n])
+            common[i] = int(differ[0]) if differ.size else n
+        best = None
+        for n in sorted(set(common.values()), reverse=True):
+          saved = n * sum(1 for c in common.values() if c >= n)
+          if n >= self.min_shared_prefix_pages and (best is None or saved > best[0]):
+            best = (saved, n)
+        if best is None:
+          break
+        chosen = sorted([ref] + [i for i, c in common.items() if c >= best[1]])
+        found.append((best[0], chosen, best[1]))
+        members = [i for i in members if i not in chosen]
+    if not found:
+      return seqs, []
+    found.sort(key=lambda f: (-f[0], f[1][0]))
+    order: list[int] = []
+    groups = []
+    for _, members, n in found[:self.max_prefix_groups]:
+      groups.append(PrefixGroup(len(order), len(members), n))
+      order.extend(members)
+    grouped = set(order)
+    order.extend(i for i in range(len(seqs)) if i not in grouped)
+    return [seqs[i] for i in order], groups
+
   def _preempt(self, request: Request) -> None:
     self.running.remove(request)
     self._free_pages(request)
     request.num_computed = 0  # recomputed from scratch: prompt + the tokens generated so far
+    request.num_registered_pages = 0
     request.num_preemptions += 1
     self.num_preemptions += 1
     self.add(request)
@@ -116,6 +306,9 @@ class Scheduler:
     seqs: list[ScheduledSeq] = []
     scheduled: set[int] = set()
     preempted: list[Request] = []
+    copies: list[tuple[int, int]] = []
+    self.release_copy_sources()  # normally done by the engine right after the previous step
+    self._pending = set()
 
     decoding = [r for r in self.running if r.num_pending == 1]
     prefilling = [r for r in self.running if r.num_pending > 1]
@@ -137,17 +330,16 @@ class Scheduler:
         seqs.append(ScheduledSeq(request, n, request.num_computed))
         scheduled.add(request.request_id)
         budget -= n
+        if self.prefix_caching:
+          self._register(request, request.num_computed + n)
 
     # admission; not in a step that had to preempt (the pool is tight: let the running requests drain first)
     while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_batch_size:
       request = self.waiting[0]
-      n = request.num_pending
-      if self.chunked_prefill:
-        n = min(n, budget)
-      elif n > budget:
-        break
-      if not self._reserve(request, n):
-        break  # admission never preempts: it waits for pages to come back
+      plan = self._admission_plan(request, budget)
+      if plan is None:
+        break  # admission never preempts: it waits for pages (or budget) to come back
+      n = self._admit(request, plan, copies)
       self.waiting.pop(0)
       if request.num_preemptions == 0:
         self._num_new_waiting -= 1
@@ -156,4 +348,9 @@ class Scheduler:
       seqs.append(ScheduledSeq(request, n, request.num_computed))
       scheduled.add(request.request_id)
       budget -= n
-    return Schedule(seqs, preempted)
+      if self.prefix_caching:
+        self._register(request, request.num_computed + n)
+    groups: list[PrefixGroup] = []
+    if self.group_prefixes and len(seqs) > 1:
+      seqs, groups = self._group(seqs)
+    return Schedule(seqs, preempted, copies, groups)

@@ -19,6 +19,8 @@ import pallas_kernels
 class SequenceParallel:
   mesh: object
   axis_name: str = "sequence"
+  batch_axes: object = None  # mesh axes of batch / heads when not the defaults of parallel.sharding's rules
+  head_axes: object = None
 
 
 _SEQUENCE_PARALLEL: contextvars.ContextVar[SequenceParallel | None] = contextvars.ContextVar(
@@ -26,9 +28,12 @@ _SEQUENCE_PARALLEL: contextvars.ContextVar[SequenceParallel | None] = contextvar
 
 
 @contextlib.contextmanager
-def sequence_parallel(mesh, axis_name: str = "sequence"):
-  """Within this block (while tracing), model attention runs as ring attention over mesh axis `axis_name`."""
-  token = _SEQUENCE_PARALLEL.set(SequenceParallel(mesh, axis_name))
+def sequence_parallel(mesh, axis_name: str = "sequence", batch_axes=None, head_axes=None):
+  """Within this block (while tracing), model attention runs as ring attention over mesh axis `axis_name`.
+
+  batch_axes / head_axes: where batch and heads are sharded, for rules other than the default ones (inside
+  jit on an Auto mesh ring attention cannot read the layout; see parallel.ring_attention)."""
+  token = _SEQUENCE_PARALLEL.set(SequenceParallel(mesh, axis_name, batch_axes, head_axes))
   try:
     yield
   finally:
@@ -40,12 +45,13 @@ def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids, kv_segment_i
   """Causal attention, mask given by token positions and segment ids. Shapes as pallas_kernels.flash_attention."""
   sp = _SEQUENCE_PARALLEL.get()
   if sp is not None and sp.mesh.shape.get(sp.axis_name, 1) > 1:
-    import parallel  # imported lazily: only sequence-parallel runs need it
+    from parallel.ring_attention import ring_attention  # lazily: only sequence-parallel runs need it
 
-    return parallel.ring_attention(
+    return ring_attention(
         q, k, v, mesh=sp.mesh, axis_name=sp.axis_name, causal=True, q_positions=q_positions,
         kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
-        sliding_window=sliding_window, implementation=implementation)
+        sliding_window=sliding_window, implementation=implementation, batch_axes=sp.batch_axes,
+        head_axes=sp.head_axes)
   return pallas_kernels.flash_attention(
       q, k, v, causal=True, q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
       kv_segment_ids=kv_segment_ids, sliding_window=sliding_window, implementation=implementation)

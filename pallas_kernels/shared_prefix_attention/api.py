@@ -11,6 +11,11 @@ IMPLEMENTATIONS = {
     "reference": (f"{_PACKAGE}.reference", "shared_prefix_attention_reference"),
     "xla": (f"{_PACKAGE}.xla", "shared_prefix_attention"),
 }
+# the paged, grouped prefix part (what the engine calls): name -> (module, function)
+PAGED_IMPLEMENTATIONS = {
+    "reference": (f"{_PACKAGE}.reference", "paged_prefix_attention_reference"),
+    "xla": (f"{_PACKAGE}.xla", "paged_prefix_attention"),
+}
 
 
 def _validate(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens):
@@ -55,3 +60,57 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_le
   module, fn = IMPLEMENTATIONS[name]
   return getattr(importlib.import_module(module), fn)(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens,
                                                       sm_scale=sm_scale, return_lse=return_lse)
+
+
+def _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions, sliding_window):
+  if q.ndim != 4:
+    raise ValueError(f"q must be [groups, rows, q_heads, head_dim], got shape {q.shape}")
+  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
+    raise ValueError(f"k_pages/v_pages must both be [num_pages, page_size, kv_heads, head_dim], got "
+                     f"{k_pages.shape} and {v_pages.shape}")
+  groups, rows, q_heads, d = q.shape
+  if k_pages.shape[3] != d:
+    raise ValueError(f"head_dim mismatch: q {d}, k_pages {k_pages.shape[3]}")
+  if q_heads % k_pages.shape[2]:
+    raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({k_pages.shape[2]})")
+  if not (q.dtype == k_pages.dtype == v_pages.dtype):
+    raise ValueError(f"q, k_pages and v_pages must share one dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+  if prefix_page_table.ndim != 2 or prefix_page_table.shape[0] != groups or prefix_page_table.shape[1] < 1:
+    raise ValueError(f"prefix_page_table must be [groups={groups}, max_prefix_pages >= 1], got "
+                     f"{prefix_page_table.shape}")
+  if not jnp.issubdtype(prefix_page_table.dtype, jnp.integer):
+    raise ValueError(f"prefix_page_table must be integer, got {prefix_page_table.dtype}")
+  if prefix_lens.shape != (groups,) or not jnp.issubdtype(prefix_lens.dtype, jnp.integer):
+    raise ValueError(f"prefix_lens must be an integer array of shape ({groups},), got {prefix_lens.dtype} "
+                     f"{prefix_lens.shape}")
+  if sliding_window is not None:
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+      raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
+    if q_positions is None or q_positions.shape != (groups, rows):
+      raise ValueError(f"sliding_window needs q_positions of shape ({groups}, {rows}), got "
+                       f"{None if q_positions is None else q_positions.shape}")
+
+
+def paged_prefix_attention(q, k_pages, v_pages, prefix_page_table, prefix_lens, *, q_positions=None,
+                           sliding_window=None, sm_scale=None, implementation=None):
+  """Hydragen's prefix part over a paged KV pool, for several groups of queries that each share a prefix.
+
+  q [groups, rows, q_heads, d]: the query rows of group g (rows that are padding may hold anything: their
+  results are simply not used). prefix_page_table int32 [groups, max_prefix_pages]: the pages of group g's
+  prefix in order; prefix_lens int32 [groups]: its length in tokens (0: an unused group, out 0 / lse -inf).
+  Every query is assumed to sit after its group's prefix (so all of the prefix is causally visible); with
+  `sliding_window`, q_positions int32 [groups, rows] (absolute positions) hide prefix key j from a query at
+  position p when p - j >= sliding_window.
+
+  Returns (out float32 [groups, rows, q_heads, d] normalised over the prefix keys, lse float32
+  [groups, rows, q_heads]), ready for merge_partials with the attention over each sequence's own suffix.
+  implementation: "reference" or "xla" (None: "xla").
+  """
+  _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions, sliding_window)
+  name = "xla" if implementation is None else implementation
+  if name not in PAGED_IMPLEMENTATIONS:
+    raise ValueError(f"implementation={name!r} is not one of {sorted(PAGED_IMPLEMENTATIONS)}")
+  module, fn = PAGED_IMPLEMENTATIONS[name]
+  return getattr(importlib.import_module(module), fn)(q, k_pages, v_pages, prefix_page_table, prefix_lens,
+                                                      q_positions=q_positions, sliding_window=sliding_window,
+                                                      sm_scale=sm_scale)

@@ -26,3 +26,22 @@ def shared_prefix_attention_reference(q, prefix_k, prefix_v, suffix_k, suffix_v,
                                  return_lse=True)
   out = out[:, 0]
   return (out, lse[:, :, 0]) if return_lse else out
+
+
+def paged_prefix_attention_reference(q, k_pages, v_pages, prefix_page_table, prefix_lens, *, q_positions=None,
+                                     sliding_window=None, sm_scale=None):
+  """Each group's queries against its whole prefix, gathered to a contiguous copy and masked densely."""
+  from pallas_kernels.decode_attention import _common as C
+  from pallas_kernels.decode_attention.reference import masked_attention
+  from pallas_kernels.paged_attention.reference import gather_pages
+
+  params = C.score_params(q.shape[-1], sm_scale, sliding_window, None)
+  k = gather_pages(k_pages, prefix_page_table)  # [G, max_pages * page_size, kv_heads, d]
+  v = gather_pages(v_pages, prefix_page_table)
+  groups, rows = q.shape[:2]
+  j = jnp.arange(k.shape[1], dtype=jnp.int32)
+  mask = j[None, None, :] < jnp.clip(prefix_lens, 0, k.shape[1])[:, None, None].astype(jnp.int32)
+  mask = jnp.broadcast_to(mask, (groups, rows, k.shape[1]))
+  if params.sliding_window is not None:
+    mask = mask & (q_positions[:, :, None] - j[None, None, :] < params.sliding_window)
+  return masked_attention(q, k, v, mask, params)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from hf_models import FAMILIES, hf_greedy, hf_logits, make_hf_model
+from hf_reference import FAMILIES, hf_greedy, hf_logits, make_hf_model
 
 REL_TOL = 1e-4
 

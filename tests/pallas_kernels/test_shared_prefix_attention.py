@@ -70,3 +70,98 @@ def test_bad_input_names_argument():
     shared_prefix_attention(q.astype(jnp.bfloat16), pk, pv, sk, sv, lens)
   with pytest.raises(ValueError, match="implementation"):
     shared_prefix_attention(q, pk, pv, sk, sv, lens, implementation="pallas_gpu")
+
+
+# ------------------------------------------------------------------------- paged, grouped prefix part (engine)
+
+from pallas_kernels.paged_attention import ragged_paged_attention  # noqa: E402
+from pallas_kernels.shared_prefix_attention import paged_prefix_attention  # noqa: E402
+
+
+def make_paged(key, groups, rows, q_heads, kv_heads, d, num_pages, page_size, max_pages, dtype):
+  ks = jax.random.split(key, 4)
+  q = jax.random.normal(ks[0], (groups, rows, q_heads, d), dtype)
+  kp = jax.random.normal(ks[1], (num_pages, page_size, kv_heads, d), dtype)
+  vp = jax.random.normal(ks[2], (num_pages, page_size, kv_heads, d), dtype)
+  table = jax.random.permutation(ks[3], num_pages)[:groups * max_pages].reshape(groups, max_pages)
+  return q, kp, vp, table.astype(jnp.int32)
+
+
+@pytest.mark.parametrize("groups, rows, q_heads, kv_heads, d, page_size, lens, window, keys_per_chunk", [
+    (3, 5, 8, 2, 32, 4, (12, 37, 0), None, 8),  # a length off the page grid; an unused group
+    (2, 4, 4, 4, 16, 8, (64, 8), None, 256),
+    (2, 3, 6, 1, 16, 4, (40, 23), 9, 8),  # sliding window: part of the prefix is out of sight
+])
+def test_paged_prefix_xla_matches_reference(groups, rows, q_heads, kv_heads, d, page_size, lens, window,
+                                            keys_per_chunk):
+  from pallas_kernels.shared_prefix_attention.xla import paged_prefix_attention as xla_paged
+
+  max_pages = -(-max(lens) // page_size) + 1
+  q, kp, vp, table = make_paged(jax.random.key(sum(lens)), groups, rows, q_heads, kv_heads, d,
+                                groups * max_pages + 3, page_size, max_pages, jnp.float32)
+  lens = jnp.asarray(lens, jnp.int32)
+  qpos = lens[:, None] + jnp.arange(rows, dtype=jnp.int32)[None, :] * 3  # every query after its prefix
+  # jitted whole: one compile each instead of op-by-op dispatch (the suite's time budget)
+  ref_o, ref_lse = jax.jit(lambda *a: paged_prefix_attention(*a, q_positions=qpos, sliding_window=window,
+                                                             implementation="reference"))(q, kp, vp, table, lens)
+  got_o, got_lse = jax.jit(lambda *a: xla_paged(*a, q_positions=qpos, sliding_window=window,
+                                                keys_per_chunk=keys_per_chunk))(q, kp, vp, table, lens)
+  np.testing.assert_allclose(got_o, ref_o, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got_lse, ref_lse, atol=1e-5, rtol=1e-5)
+  empty = np.asarray(lens) == 0
+  assert np.all(np.asarray(got_o)[empty] == 0) and np.all(np.isneginf(np.asarray(got_lse)[empty]))
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefix_plus_suffix_merge_equals_ragged_paged_attention(window):
+  """The engine's decomposition: the group's prefix pages once for all its decode rows + each sequence's
+  remaining pages (page table shifted, kv_lens reduced) merged by lse == attention over all its pages."""
+  rng = np.random.default_rng(0)
+  page_size, prefix_pages, hq, hkv, d, num_pages = 4, 3, 4, 2, 16, 32
+  k = jax.random.split(jax.random.key(1), 3)
+  kp = jax.random.normal(k[0], (num_pages, page_size, hkv, d))
+  vp = jax.random.normal(k[1], (num_pages, page_size, hkv, d))
+  prefix = [5, 17, 2]
+  suffix_lens = [1, 6, 9]  # tokens after the prefix, the decode token included
+  table = np.zeros((4, 8), np.int32)  # 3 sequences + a padding row
+  free = [p for p in rng.permutation(num_pages).tolist() if p not in prefix]
+  for s, n in enumerate(suffix_lens):
+    own = -(-n // page_size)
+    table[s, :prefix_pages + own] = prefix + [free.pop() for _ in range(own)]
+  kv_lens = np.asarray([prefix_pages * page_size + n for n in suffix_lens] + [0], np.int32)
+  cu = np.asarray([0, 1, 2, 3, 3], np.int32)
+  q = jax.random.normal(k[2], (5, hq, d))  # 3 decode rows + 2 padding rows
+  shift = prefix_pages * page_size
+  suffix_table = np.zeros_like(table)
+  suffix_table[:3, :8 - prefix_pages] = table[:3, prefix_pages:]
+  rows = jnp.asarray([[0, 1, 2]])
+
+  @jax.jit
+  def both(q, kp, vp):
+    full = ragged_paged_attention(q, kp, vp, jnp.asarray(table), jnp.asarray(kv_lens), jnp.asarray(cu), 3,
+                                  sliding_window=window, implementation="reference")
+    out_s, lse_s = ragged_paged_attention(q, kp, vp, jnp.asarray(suffix_table),
+                                          jnp.asarray(np.maximum(kv_lens - shift, 0)), jnp.asarray(cu), 3,
+                                          sliding_window=window, return_lse=True, implementation="xla")
+    qpos = jnp.asarray(kv_lens[:3] - 1)[None]
+    out_p, lse_p = paged_prefix_attention(q[rows], kp, vp, jnp.asarray([prefix], jnp.int32),
+                                          jnp.asarray([shift], jnp.int32), q_positions=qpos, sliding_window=window)
+    out_pt = jnp.zeros((5, hq, d)).at[rows[0]].set(out_p[0])
+    lse_pt = jnp.full((5, hq), -jnp.inf).at[rows[0]].set(lse_p[0])
+    return merge_partials(out_pt, lse_pt, out_s, lse_s)[0], full
+
+  out, full = both(q, kp, vp)
+  np.testing.assert_allclose(out, full, atol=2e-5, rtol=2e-5)
+
+
+def test_paged_prefix_bad_input_names_argument():
+  q, kp, vp, table = make_paged(jax.random.key(0), 2, 3, 4, 2, 16, 12, 4, 2, jnp.float32)
+  lens = jnp.asarray([8, 4], jnp.int32)
+  with pytest.raises(ValueError, match="prefix_lens"):
+    paged_prefix_attention(q, kp, vp, table, lens[:1])
+  with pytest.raises(ValueError, match="q_positions"):
+    paged_prefix_attention(q, kp, vp, table, lens, sliding_window=4)
+  with pytest.raises(ValueError, match="prefix_page_table"):
+    paged_prefix_attention(q, kp, vp, table[:1], lens)
+  with pytest.raises(ValueError, match="implementation"):
+    paged_prefix_attention(q, kp, vp, table, lens, implementation="pallas_tpu")
