@@ -148,8 +148,6 @@ Q, EMB, DOWN, NORM = ("layers.0.self_attn.q_proj.kernel", "embed_tokens.embeddin
       "batch": P(None, "fsdp", "sequence")}),
 ], ids=["data8", "fsdp8", "data2-tensor4", "fsdp2-tensor2-sequence2"])
 def test_sharded_step_matches_single_device(batch, single_device, sizes, layout, expected):
-  if sizes.get("sequence", 1) > 1:
-    pytest.importorskip("parallel.ring_attention")
   ref_loss, ref_grads, _, _ = single_device
   mesh = create_mesh(mesh_section(**sizes))
   loss, grads, specs, batch_spec = one_step(mesh, batch, layout or "contiguous")
