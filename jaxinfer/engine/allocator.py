@@ -72,6 +72,12 @@ class PageAllocator:
 
   def decref(self, pages: Iterable[int]) -> list[int]:
     """One owner fewer for each page; returns the pages whose count reached 0 (now free)."""
+    freed = self._drop_references(pages)
+    self._free.extend(reversed(freed))
+    return freed
+
+  def _drop_references(self, pages: Iterable[int]) -> list[int]:
+    """Decrements each page's count (checked first, so a bad call changes nothing); returns those at 0."""
     pages = list(pages)
     self._check_ids(pages)
     counts: dict[int, int] = {}
@@ -80,13 +86,12 @@ class PageAllocator:
     for p, c in counts.items():
       if self._refcount[p] < c:
         raise ValueError(f"decref of page {p} {c} time(s) but its reference count is {self._refcount[p]}")
-    freed = []
+    released = []
     for p in pages:
       self._refcount[p] -= 1
       if self._refcount[p] == 0:
-        freed.append(p)
-    self._free.extend(reversed(freed))
-    return freed
+        released.append(p)
+    return released
 
   free = decref
 

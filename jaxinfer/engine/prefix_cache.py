@@ -139,18 +139,7 @@ class PrefixCachingAllocator(PageAllocator):
     Cached ones become evictable (most recently used; the sequence's tail ahead of its head in the eviction
     order), the others free."""
     pages = list(pages)
-    self._check_ids(pages)
-    counts: dict[int, int] = {}
-    for p in pages:
-      counts[p] = counts.get(p, 0) + 1
-    for p, c in counts.items():
-      if self._refcount[p] < c:
-        raise ValueError(f"decref of page {p} {c} time(s) but its reference count is {self._refcount[p]}")
-    released = []
-    for p in pages:
-      self._refcount[p] -= 1
-      if self._refcount[p] == 0:
-        released.append(p)
+    released = self._drop_references(pages)
     plain = [p for p in released if p not in self._entry]
     self._free.extend(reversed(plain))
     for p in reversed(released):
