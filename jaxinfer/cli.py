@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
   from absl import flags
   from ml_collections import config_flags
 
-  from jaxinfer.models.config import ConfigError
+  from jaxinfer.config import ConfigError
 
   flag_values = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=flag_values,

@@ -11,7 +11,8 @@ import dataclasses
 
 from ml_collections import config_dict
 
-from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig
 
 _OPTIONAL_TYPES = {"head_dim": int, "sliding_window": int, "attention_impl": str, "bos_token_id": int,
                    "eos_token_id": int, "layer_types": tuple}

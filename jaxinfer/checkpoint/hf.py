@@ -14,7 +14,8 @@ import safetensors.flax
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
-from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.transformer import Transformer
 
 CONFIG_FILE = "config.json"

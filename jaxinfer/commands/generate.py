@@ -14,7 +14,7 @@ from jaxinfer.checkpoint.hf import load_hf
 from jaxinfer.configs import model_config_from, require
 from jaxinfer.engine import Engine, RequestRejected
 from jaxinfer.generation import SamplingParams
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 from jaxinfer.models.transformer import init_model
 from jaxinfer.tokenizer import tokenizer_for
 

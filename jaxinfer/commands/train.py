@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 from parallel.distributed import initialize_from_env
 
 

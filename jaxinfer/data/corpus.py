@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from jaxinfer.data.sources import fingerprint_files, read_documents
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 
 log = logging.getLogger("jaxinfer.data")
 

@@ -14,7 +14,7 @@ from jaxinfer.data.corpus import (Corpus, build_corpus, build_tokenizer, default
                                   load_tokenizer_file, unigram_entropy)
 from jaxinfer.data.packing import Split, make_split, split_documents
 from jaxinfer.data.sources import list_files, read_documents, select_files
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 
 log = logging.getLogger("jaxinfer.data")
 

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 
 SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__", ".git"}
 

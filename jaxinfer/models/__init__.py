@@ -1,4 +1,5 @@
-from jaxinfer.models.config import ConfigError, ModelConfig, SUPPORTED_MODEL_TYPES
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig, SUPPORTED_MODEL_TYPES
 from jaxinfer.models.kv_cache import KVCache
 from jaxinfer.models.transformer import Transformer, init_model
 

@@ -11,12 +11,12 @@ ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-class ConfigError(ValueError):
-  """A model or experiment config field has an impossible value; the message names the field."""
+from jaxinfer.config.schema import ConfigError  # noqa: F401  (re-exported: the model's errors are config errors)
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+  SECTION = "model"  # config section name (not a field: no annotation)
   model_type: str = "llama"
   vocab_size: int = 32000
   hidden_size: int = 512

@@ -19,7 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig
 
 log = logging.getLogger("jaxinfer.train")
 

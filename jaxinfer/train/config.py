@@ -14,7 +14,8 @@ from __future__ import annotations
 from ml_collections import config_dict
 
 from jaxinfer.configs import model_config_from, require
-from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig
 
 LAYOUT_NAMES = ("contiguous", "striped", "zigzag")
 TOP_LEVEL = ("name", "seed", "workdir", "model", "data", "mesh", "sharding_rules", "train")

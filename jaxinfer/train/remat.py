@@ -13,7 +13,7 @@ import functools
 import jax
 from flax import nnx
 
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 
 POLICIES = {
     "none": None,

@@ -25,7 +25,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer.data.dataset import prepare_dataset
 from jaxinfer.data.packing import BatchIterator, eval_batches
-from jaxinfer.models.config import ConfigError, ModelConfig
+from jaxinfer.config import ConfigError
+from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.transformer import Transformer
 from jaxinfer.train.checkpoint import Checkpointer, check_compatible, param_shapes, peek_latest
 from jaxinfer.train.config import validate_sections

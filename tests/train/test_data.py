@@ -9,7 +9,7 @@ from jaxinfer.data import BatchIterator, Split, eval_batches, prepare_dataset, s
 from jaxinfer.data.corpus import unigram_entropy
 from jaxinfer.data.dataset import data_section
 from jaxinfer.data.sources import list_files
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 from parallel.layouts import LAYOUTS
 
 

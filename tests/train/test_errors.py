@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from jaxinfer.models.config import ConfigError
+from jaxinfer.config import ConfigError
 from jaxinfer.train import train
 from jaxinfer.train import trainer
 
