@@ -18,7 +18,11 @@ All functions are pure reshapes / transposes / slices, work on numpy or jax arra
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
+from jax.sharding import AxisType
 
 __all__ = ["LAYOUTS", "striped_permute", "striped_unpermute", "zigzag_permute", "zigzag_unpermute",
            "contiguous_permute", "contiguous_unpermute", "permute", "unpermute", "layout_positions"]
@@ -31,26 +35,46 @@ def _xp(x):
   return jnp
 
 
-def _keep_layout(fn):
-  """Run a permutation so it also works on jax arrays with Explicit sharding in their type.
+def _on_any_sharding(fn, x, num_shards: int, axis: int):
+  """fn(x, num_shards, axis) for numpy arrays and for jax arrays of any sharding.
 
   The permutation moves tokens between devices, which Explicit sharding rules cannot type on their own: it runs
-  with those axes treated as Auto (XLA picks the all-to-all) and the result gets the input's sharding back.
+  with those axes treated as Auto (XLA picks the all-to-all) and the result gets x's sharding back.
   """
+  if isinstance(x, np.ndarray):
+    return fn(x, num_shards, axis)
+  sharding = jax.typeof(x).sharding
+  mesh = sharding.mesh
+  explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+  if not explicit:
+    return fn(x, num_shards, axis)
+  return jax.sharding.auto_axes(lambda y: fn(y, num_shards, axis), axes=explicit, out_sharding=sharding)(x)
+
+
+def _layout_op(fn, inverse):
+  """The public permutation: fn on any sharding, with the VJP `inverse` of the cotangent on the cotangent's own
+  sharding. (Autodiff through fn's reshapes would transpose them with the input's sharding rules, which fails
+  when the cotangent arrives sharded, e.g. the input was permuted before being placed on the mesh.)"""
+
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+  def op(x, num_shards, axis):
+    return _on_any_sharding(fn, x, num_shards, axis)
+
+  def op_fwd(x, num_shards, axis):
+    return op(x, num_shards, axis), None
+
+  def op_bwd(num_shards, axis, _, ct):
+    return (_on_any_sharding(inverse, ct, num_shards, axis),)
+
+  op.defvjp(op_fwd, op_bwd)
 
   def wrapped(x, num_shards: int, axis: int = 1):
     if isinstance(x, np.ndarray):
       return fn(x, num_shards, axis)
-    import jax
-    from jax.sharding import AxisType
-    sharding = jax.typeof(x).sharding
-    mesh = sharding.mesh
-    explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
-    if not explicit:
-      return fn(x, num_shards, axis)
-    return jax.sharding.auto_axes(lambda y: fn(y, num_shards, axis), axes=explicit, out_sharding=sharding)(x)
+    return op(x, int(num_shards), int(axis))
 
-  wrapped.__name__, wrapped.__doc__ = fn.__name__, fn.__doc__
+  wrapped.__name__ = wrapped.__qualname__ = fn.__name__.lstrip("_")
+  wrapped.__doc__ = fn.__doc__
   return wrapped
 
 
@@ -71,24 +95,21 @@ def contiguous_permute(x, num_shards: int, axis: int = 1):
 contiguous_unpermute = contiguous_permute
 
 
-@_keep_layout
-def striped_permute(x, num_shards: int, axis: int = 1):
+def _striped_permute(x, num_shards: int, axis: int = 1):
   """Reorder so that sharding `axis` into num_shards contiguous blocks puts token t on device t % num_shards."""
   axis, shape = _split(x, axis, lambda n: (n // num_shards, num_shards), num_shards, "striped_permute")
   y = x.reshape(shape).swapaxes(axis, axis + 1)
   return y.reshape(x.shape)
 
 
-@_keep_layout
-def striped_unpermute(x, num_shards: int, axis: int = 1):
+def _striped_unpermute(x, num_shards: int, axis: int = 1):
   """Inverse of striped_permute."""
   axis, shape = _split(x, axis, lambda n: (num_shards, n // num_shards), num_shards, "striped_unpermute")
   y = x.reshape(shape).swapaxes(axis, axis + 1)
   return y.reshape(x.shape)
 
 
-@_keep_layout
-def zigzag_permute(x, num_shards: int, axis: int = 1):
+def _zigzag_permute(x, num_shards: int, axis: int = 1):
   """Reorder into 2N chunks so that device i (of N contiguous blocks) holds chunks i and 2N-1-i."""
   n = num_shards
   axis, shape = _split(x, axis, lambda L: (2, n, L // (2 * n)), 2 * n, "zigzag_permute")
@@ -99,8 +120,7 @@ def zigzag_permute(x, num_shards: int, axis: int = 1):
   return y.swapaxes(axis, axis + 1).reshape(x.shape)  # [..., device, half, chunk, ...]
 
 
-@_keep_layout
-def zigzag_unpermute(x, num_shards: int, axis: int = 1):
+def _zigzag_unpermute(x, num_shards: int, axis: int = 1):
   """Inverse of zigzag_permute."""
   n = num_shards
   axis, shape = _split(x, axis, lambda L: (n, 2, L // (2 * n)), 2 * n, "zigzag_unpermute")
@@ -114,6 +134,11 @@ def _halves(y, axis):
   lead = (slice(None),) * axis
   return y[lead + (slice(0, 1),)], y[lead + (slice(1, 2),)]
 
+
+striped_permute = _layout_op(_striped_permute, _striped_unpermute)
+striped_unpermute = _layout_op(_striped_unpermute, _striped_permute)
+zigzag_permute = _layout_op(_zigzag_permute, _zigzag_unpermute)
+zigzag_unpermute = _layout_op(_zigzag_unpermute, _zigzag_permute)
 
 LAYOUTS = {
     "contiguous": (contiguous_permute, contiguous_unpermute),
