@@ -1,6 +1,8 @@
 """The `jaxinfer` command: `jaxinfer <subcommand> --config experiments/<name>.py [--config.<field>=<value> ...]`.
 
-Subcommands live in jaxinfer/commands/, one module each with `run(config)`; this file only parses flags.
+Subcommands live in jaxinfer/commands/, one module each with `run(config)`; this file only parses flags and
+makes the config's paths absolute (jaxinfer.config.resolve_config_paths) before handing it over.
+`jaxinfer run` runs any experiment by its `driver` field; `train` and `generate` run those commands directly.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import sys
 
 SUBCOMMANDS = {
     "generate": "jaxinfer.commands.generate",
+    "run": "jaxinfer.commands.run",
     "train": "jaxinfer.commands.train",
 }
 
@@ -39,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
   from absl import flags
   from ml_collections import config_flags
 
-  from jaxinfer.config import ConfigError
+  from jaxinfer.config import ConfigError, resolve_config_paths
 
   flag_values = flags.FlagValues()
   config_flag = config_flags.DEFINE_config_file("config", None, "experiment config file", flag_values=flag_values,
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=flag_values.log_level, format="%(asctime)s %(name)s: %(message)s", force=True)
   module = importlib.import_module(SUBCOMMANDS[command])
   try:
+    resolve_config_paths(config_flag.value)
     module.run(config_flag.value)
   except ConfigError as e:
     print(f"jaxinfer {command}: invalid config: {e}", file=sys.stderr)
