@@ -126,11 +126,12 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def fmt(value, spec: str | None = None) -> str:
-  """A table cell: `spec` is a format spec ('.1f', '.2f', ...); floats default to 4 significant digits."""
+  """A table cell: `spec` is a format spec ('.1f') or a format string ('{:.2f}x'); floats default to 4
+  significant digits."""
   if value is None:
     return "-"
   if spec is not None:
-    return format(value, spec)
+    return spec.format(value) if "{" in spec else format(value, spec)
   if isinstance(value, float):
     if math.isnan(value):
       return "nan"
