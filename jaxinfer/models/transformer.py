@@ -84,9 +84,16 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
   """tokens [batch, seq] -> logits [batch, seq, vocab] (float32).
 
+    logits = model(tokens)                                  # no cache: logits
+    logits, cache = model(tokens, positions, segments, cache)   # with a cache: logits and the updated cache
+    hidden = model(tokens, return_hidden=True)              # final hidden states (after the final norm)
+    logits = model.logits(hidden[:, rows])                  # the lm_head on any rows of hidden states
+
   positions default to arange(seq); segment_ids (packing) default to one segment. With a KVCache the new
   tokens are stored in the cache and attend to everything it holds; the updated cache is returned. Any
   object with the begin / attend / finish protocol of KVCache works (the engine's paged cache does).
+  `return_hidden=True` returns the hidden states [batch, seq, hidden] in place of the logits (the engine
+  applies the lm_head only to the rows it samples; speculative heads read hidden states the same way).
   """
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -102,7 +109,14 @@ class Transformer(nnx.Module):
       self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False,
                             param_dtype=pdt, dtype=dt, init_std=cfg.initializer_range, rngs=rngs)
 
-  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None):
+  def logits(self, hidden):
+    """Hidden states [..., hidden] (after the final norm) -> float32 logits [..., vocab]: the lm_head, or the
+    tied embedding's transpose."""
+    logits = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, cache: KVCache | None = None, *,
+               return_hidden: bool = False):
     b, s = tokens.shape
     if positions is None:
       start = 0 if cache is None else cache.index
@@ -118,11 +132,10 @@ class Transformer(nnx.Module):
       x, layer_kv = layer(x, cos, sin, positions, segment_ids, cache)
       layer_kvs.append(layer_kv)
     x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-    logits = logits.astype(jnp.float32)
+    out = x if return_hidden else self.logits(x)
     if cache is None:
-      return logits, None
-    return logits, cache.finish(layer_kvs, s)
+      return out
+    return out, cache.finish(layer_kvs, s)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

@@ -36,7 +36,7 @@ def micro_loss(graphdef, params, micro: dict[str, Any], sp_mesh: Mesh | None = N
   """(nll sum, token count) of one micro-batch ([rows, seq] fields)."""
   model = nnx.merge(graphdef, params)
   with _context(sp_mesh):
-    logits, _ = model(micro["inputs"], micro["positions"], micro["segment_ids"])
+    logits = model(micro["inputs"], micro["positions"], micro["segment_ids"])
   return next_token_nll(logits, micro["targets"], micro["loss_mask"])
 
 

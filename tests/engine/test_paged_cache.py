@@ -42,8 +42,8 @@ def test_two_sequences_prefilled_in_chunks_over_scattered_pages(model):
     if len(chunks) > 1:
       got_b.append(logits[0, cu[1]:cu[2]])
     assert np.isfinite(np.asarray(logits[0, n:])).all()
-  full_a, _ = forward(model, jnp.asarray(a[None]))
-  full_b, _ = forward(model, jnp.asarray(b[None]))
+  full_a = forward(model, jnp.asarray(a[None]))
+  full_b = forward(model, jnp.asarray(b[None]))
   np.testing.assert_allclose(np.concatenate(got_a), full_a[0], atol=2e-5, rtol=2e-5)
   np.testing.assert_allclose(got_b[0], full_b[0], atol=2e-5, rtol=2e-5)
   # padding rows wrote nothing: pages owned by nobody are still zero

@@ -84,7 +84,7 @@ def test_logprobs_are_those_of_the_full_forward(model):
   tokens = [o.new_token_ids[0] for o in outs]
   logprobs = [o.logprobs[0] for o in outs]
   seq = np.asarray([prompt + tokens])
-  logits, _ = model(seq)
+  logits = model(seq)
   full = jax.nn.log_softmax(logits[0], axis=-1)
   want = [float(full[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
   np.testing.assert_allclose(logprobs, want, atol=1e-4)

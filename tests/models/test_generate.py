@@ -21,7 +21,7 @@ def model():
 
 @nnx.jit
 def forward(model, tokens, positions=None, segment_ids=None):
-  return model(tokens, positions, segment_ids)[0]
+  return model(tokens, positions, segment_ids)
 
 
 def reference_greedy(model, prompt, n):

@@ -30,7 +30,7 @@ def test_logits_match(family):
   name, hf, _, model = family
   rng = np.random.default_rng(1)
   tokens = rng.integers(0, hf.config.vocab_size, size=(2, 29)).tolist()  # longer than the Mistral window
-  ours, _ = model(np.asarray(tokens))
+  ours = model(np.asarray(tokens))
   assert rel_err(ours, hf_logits(hf, tokens)) < REL_TOL, name
 
 
@@ -50,7 +50,7 @@ def test_save_hf_round_trip(family, tmp_path):
   jaxinfer.save_hf(model, tmp_path / "export")
   back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").eval()
   tokens = np.random.default_rng(3).integers(0, hf.config.vocab_size, size=(1, 17)).tolist()
-  ours, _ = model(np.asarray(tokens))
+  ours = model(np.asarray(tokens))
   assert rel_err(ours, hf_logits(back, tokens)) < REL_TOL, name
   reloaded = jaxinfer.load_hf(tmp_path / "export")
   again, _ = reloaded(np.asarray(tokens))
