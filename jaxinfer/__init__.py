@@ -1,9 +1,9 @@
 """jaxinfer: a JAX/XLA research framework for efficient transformer inference and training."""
 
 from jaxinfer.checkpoint import CheckpointError, load_hf, load_tokenizer, save_hf
-from jaxinfer.engine import Engine
+from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.generation import SamplingParams, generate
 from jaxinfer.models import ConfigError, ModelConfig, Transformer, init_model
 
-__all__ = ["CheckpointError", "ConfigError", "Engine", "ModelConfig", "SamplingParams", "Transformer", "generate",
+__all__ = ["CheckpointError", "ConfigError", "Engine", "EngineConfig", "ModelConfig", "SamplingParams", "Transformer", "generate",
            "init_model", "load_hf", "load_tokenizer", "save_hf"]

@@ -1,7 +1,8 @@
-"""jaxinfer.Engine: continuous batching over a paged KV cache, with chunked prefill and preemption, and
-optionally prefix caching (enable_prefix_caching) and shared-prefix attention (enable_shared_prefix_attention).
+"""jaxinfer.Engine: continuous batching over a paged KV cache, with chunked prefill and preemption, optionally
+prefix caching, shared-prefix (Hydragen) attention and speculative verification; a thin coordinator.
 
-  engine = jaxinfer.Engine(model, max_batch_size=16, page_size=16, num_pages=256, max_step_tokens=128)
+  engine = jaxinfer.Engine(model, jaxinfer.EngineConfig(max_batch_size=16, page_size=16, num_pages=256))
+  engine = jaxinfer.Engine(model, max_batch_size=16, page_size=16)   # the same, as keyword overrides
   rid = engine.add_request(prompt_ids, sampling=SamplingParams(temperature=0.8, seed=1), max_new_tokens=64)
   while engine.has_unfinished():
     for out in engine.step():           # RequestOutput(request_id, new_token_ids, finished, finish_reason, logprobs)
@@ -9,8 +10,10 @@ optionally prefix caching (enable_prefix_caching) and shared-prefix attention (e
   engine.run(prompts, sampling, max_new_tokens)   # -> new-token lists in prompt order
   for out in engine.stream(): ...                  # every output until the engine is idle
 
-The host side (request queues, page allocator, scheduler) is plain Python; the device side is one jitted
-step function (jaxinfer/engine/step.py) whose shapes are padded to a few buckets.
+One step goes Scheduler (which requests, how many tokens; pages) -> BatchBuilder (a typed StepBatch, padded
+to buckets; slot mapping; page-table updates) -> ModelRunner (one jitted step on the device) ->
+OutputProcessor (verification, stop conditions, logprobs, outputs). With async scheduling (run() and stream())
+step N+1 is scheduled and dispatched before the results of step N are processed; step() is synchronous.
 """
 
 from __future__ import annotations
@@ -19,25 +22,20 @@ import logging
 import time
 from typing import Iterator, Sequence
 
-import numpy as np
-from flax import nnx
-
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.allocator import PageAllocator
-from jaxinfer.engine.paged_cache import PagedKVCache
+from jaxinfer.engine.batch import BatchBuilder
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.output import OutputProcessor
 from jaxinfer.engine.prefix_cache import PrefixCachingAllocator
-from jaxinfer.engine.request import (CANCELLED, LENGTH, STOP, QueueFullError, Request, RequestOutput,
-                                     RequestRejected, UnknownRequestError)
+from jaxinfer.engine.request import (CANCELLED, QueueFullError, Request, RequestOutput, RequestRejected,
+                                     UnknownRequestError)
+from jaxinfer.engine.runner import ModelRunner
 from jaxinfer.engine.scheduler import Scheduler
+from jaxinfer.engine.validate import check_request
 from jaxinfer.generation.sampling import SamplingParams
 
 log = logging.getLogger("jaxinfer.engine")
-
-
-def _positive_int(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ValueError(f"Engine: {name} must be a positive integer, got {value!r}")
-  return int(value)
 
 
 class Engine:
@@ -45,135 +43,92 @@ class Engine:
 
   Args:
     model: a jaxinfer Transformer. It is split once (nnx.split); later changes to it are not seen.
-    max_batch_size: most requests running (holding pages) at once, and so most sequences in one step.
-    page_size: tokens per KV page.
-    num_pages: pages in the pool (per layer, k and v each). Default: enough for max_batch_size sequences of
-      max_model_len tokens (no preemption ever needed).
-    max_step_tokens: token budget of one step (decodes + prefill chunks); at least max_batch_size so that
-      every running decode fits in every step.
-    max_queue: most new requests waiting for admission; add_request raises QueueFullError beyond it.
-    attention_impl: implementation of pallas_kernels.ragged_paged_attention (None: best for the backend).
-    max_model_len: longest sequence (prompt + new tokens). Default: min(max_position_embeddings, pool size).
-    chunked_prefill: split long prompts into chunks that share steps with decodes (default). False schedules
-      every prompt whole; max_step_tokens must then be >= max_model_len + max_batch_size - 1.
-    min_token_bucket, min_seq_bucket: smallest padded step sizes; the step's token count is padded to a power
-      of two between min_token_bucket and max_step_tokens, the sequence count likewise up to max_batch_size,
-      so at most len(token_buckets) * len(seq_buckets) programs are ever compiled.
-    interpret: run Pallas attention kernels in interpret mode (CPU testing).
-    separate_compile: before the first step of each (token, sequence) bucket, compile its program with an
-      empty step timed into stats["compile_seconds"], so benchmarks can take compilation out of step times.
-    enable_prefix_caching: keep full KV pages after their requests finish, named by a chain hash of their
-      tokens, and let new requests reuse the pages of their longest cached prefix (reference-counted,
-      copy-on-write, evicted least-recently-used only when the pool needs room).
-    enable_shared_prefix_attention: decodes sharing prefix pages attend over the prefix once per group as a
-      batched matrix product (Hydragen), merged with their own suffix attention by log-sum-exp. Needs
-      enable_prefix_caching (pages are only shared through the cache).
-    max_prefix_groups: most prefix groups in one step (the group count is padded to a power of two up to it).
-    min_shared_prefix_pages: smallest shared prefix, in pages, worth a group.
-    shared_prefix_impl: implementation of pallas_kernels.shared_prefix_attention.paged_prefix_attention.
+    config: an EngineConfig (or an ml-collections `engine` section); None: the defaults.
+    proposer: a speculative Proposer (jaxinfer/engine/speculative.py) whose draft tokens each decode verifies;
+      needs config.max_rows_per_seq > 1. Steps with a proposer run synchronously.
+    **overrides: EngineConfig fields (max_batch_size=..., page_size=..., ...), applied over `config`.
   """
 
-  def __init__(self, model, *, max_batch_size: int = 32, page_size: int = 16, num_pages: int | None = None,
-               max_step_tokens: int = 256, max_queue: int = 1024, attention_impl: str | None = None,
-               max_model_len: int | None = None, chunked_prefill: bool = True, min_token_bucket: int = 16,
-               min_seq_bucket: int = 4, interpret: bool = False, separate_compile: bool = False,
-               enable_prefix_caching: bool = False, enable_shared_prefix_attention: bool = False,
-               max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1, shared_prefix_impl: str | None = None):
+  def __init__(self, model, config: EngineConfig | None = None, *, proposer=None, **overrides):
     cfg = model.config
-    self.config = cfg
-    self.max_batch_size = _positive_int("max_batch_size", max_batch_size)
-    self.page_size = _positive_int("page_size", page_size)
-    self.max_step_tokens = _positive_int("max_step_tokens", max_step_tokens)
-    self.max_queue = _positive_int("max_queue", max_queue)
-    if max_model_len is None and num_pages is None:
-      max_model_len = cfg.max_position_embeddings
-    if num_pages is None:
-      num_pages = self.max_batch_size * -(-max_model_len // self.page_size)
-    self.num_pages = _positive_int("num_pages", num_pages)
-    if max_model_len is None:
-      max_model_len = min(cfg.max_position_embeddings, self.num_pages * self.page_size)
-    self.max_model_len = _positive_int("max_model_len", max_model_len)
-    if self.max_model_len > cfg.max_position_embeddings:
-      raise ValueError(f"Engine: max_model_len={self.max_model_len} exceeds the model's max_position_embeddings="
-                       f"{cfg.max_position_embeddings}")
-    if self.max_step_tokens < self.max_batch_size:
-      raise ValueError(f"Engine: max_step_tokens={self.max_step_tokens} must be >= max_batch_size="
-                       f"{self.max_batch_size}, or running decodes could not all fit in one step")
-    self.chunked_prefill = bool(chunked_prefill)
-    if not self.chunked_prefill and self.max_step_tokens < self.max_model_len + self.max_batch_size - 1:
-      raise ValueError(f"Engine: without chunked prefill max_step_tokens={self.max_step_tokens} must be >= "
-                       f"max_model_len + max_batch_size - 1 = {self.max_model_len + self.max_batch_size - 1} "
-                       "so a whole prompt always fits beside the running decodes")
-    self.attention_impl = attention_impl
-    self.interpret = bool(interpret)
-    self.separate_compile = bool(separate_compile)
-    self.enable_prefix_caching = bool(enable_prefix_caching)
-    self.enable_shared_prefix_attention = bool(enable_shared_prefix_attention)
-    if self.enable_shared_prefix_attention and not self.enable_prefix_caching:
-      raise ValueError("Engine: enable_shared_prefix_attention=True needs enable_prefix_caching=True (sequences "
-                       "only share prefix pages through the prefix cache)")
-    self.max_prefix_groups = _positive_int("max_prefix_groups", max_prefix_groups)
-    self.min_shared_prefix_pages = _positive_int("min_shared_prefix_pages", min_shared_prefix_pages)
-    from pallas_kernels.shared_prefix_attention import PAGED_IMPLEMENTATIONS
-    if shared_prefix_impl is not None and shared_prefix_impl not in PAGED_IMPLEMENTATIONS:
-      raise ValueError(f"Engine: shared_prefix_impl={shared_prefix_impl!r} is not one of "
-                       f"{sorted(PAGED_IMPLEMENTATIONS)}")
-    self.shared_prefix_impl = shared_prefix_impl
-    self._shapes_seen: set[tuple[int, int, int]] = set()
-    self.pages_per_seq = -(-self.max_model_len // self.page_size)
-    self.token_buckets = step_lib.buckets(min(_positive_int("min_token_bucket", min_token_bucket),
-                                              self.max_step_tokens), self.max_step_tokens)
-    self.seq_buckets = step_lib.buckets(min(_positive_int("min_seq_bucket", min_seq_bucket), self.max_batch_size),
-                                        self.max_batch_size)
-    # prefix-group counts a step may carry (0: no shared-prefix attention in that step)
-    self.group_buckets = (0,) + (step_lib.buckets(1, self.max_prefix_groups)
-                                 if self.enable_shared_prefix_attention else ())
-    self.copy_buckets = step_lib.buckets(1, self.max_batch_size)
-
-    self._graphdef, self._state = nnx.split(model)
-    self._k_pages, self._v_pages = PagedKVCache.create_pools(cfg, self.num_pages, self.page_size)
-    self.allocator = (PrefixCachingAllocator(self.num_pages) if self.enable_prefix_caching
-                      else PageAllocator(self.num_pages))
-    self.scheduler = Scheduler(self.allocator, page_size=self.page_size, max_batch_size=self.max_batch_size,
-                               max_step_tokens=self.max_step_tokens, chunked_prefill=self.chunked_prefill,
-                               prefix_caching=self.enable_prefix_caching,
-                               group_prefixes=self.enable_shared_prefix_attention,
-                               max_prefix_groups=self.max_prefix_groups,
-                               min_shared_prefix_pages=self.min_shared_prefix_pages)
+    self.config = cfg  # the model's config
+    self.engine_config = EngineConfig.from_kwargs(config, **overrides).resolve(cfg)
+    ec = self.engine_config
+    self.pages_per_seq = -(-ec.max_model_len // ec.page_size)
+    self.builder = BatchBuilder(max_batch_size=ec.max_batch_size, max_step_tokens=ec.max_step_tokens,
+                                page_size=ec.page_size, pages_per_seq=self.pages_per_seq, num_pages=ec.num_pages,
+                                min_token_bucket=ec.min_token_bucket, min_seq_bucket=ec.min_seq_bucket,
+                                max_rows_per_seq=ec.max_rows_per_seq, max_prefix_groups=ec.max_prefix_groups,
+                                shared_prefix_attention=ec.enable_shared_prefix_attention)
+    self.runner = ModelRunner(model, ec, max_rows=self.builder.max_rows, pages_per_seq=self.pages_per_seq)
+    self.allocator = (PrefixCachingAllocator(ec.num_pages) if ec.enable_prefix_caching
+                      else PageAllocator(ec.num_pages))
+    self.scheduler = Scheduler(self.allocator, page_size=ec.page_size, max_batch_size=ec.max_batch_size,
+                               max_step_tokens=ec.max_step_tokens, chunked_prefill=ec.chunked_prefill,
+                               prefix_caching=ec.enable_prefix_caching,
+                               group_prefixes=ec.enable_shared_prefix_attention,
+                               max_prefix_groups=ec.max_prefix_groups,
+                               min_shared_prefix_pages=ec.min_shared_prefix_pages, proposer=proposer,
+                               max_rows_per_seq=ec.max_rows_per_seq, max_model_len=ec.max_model_len)
     self._requests: dict[int, Request] = {}  # unfinished
     self._finish_reasons: dict[int, str] = {}  # finished: id -> reason
     self._pending_outputs: list[RequestOutput] = []  # returned by the next step()
+    self._inflight = None  # async scheduling: the dispatched step whose results are not processed yet
+    self._prev_rows: dict[int, int] = {}  # request id -> its newest token's row in the last step's samples
     self._next_id = 0
     self._compilations_at_start = step_lib.compilation_count()
     # steps run; requests preempted; tokens run through the model (real / padded); tokens sampled; prefill
     # chunks that ended before their prompt did (chunked prefill at work); most sequences in one step
     # prefix caching (see prefix_stats): page copies made; shared-prefix attention: groups run (summed over
-    # steps), decode rows served through a group, prefix keys those rows did not each read again
+    # steps), decode rows served through a group, prefix keys those rows did not each read again; speculative:
+    # draft tokens verified and accepted; host seconds spent scheduling + building + processing
     self.stats = {"steps": 0, "preemptions": 0, "scheduled_tokens": 0, "padded_tokens": 0, "generated_tokens": 0,
                   "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
-                  "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0}
+                  "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "draft_tokens": 0,
+                  "accepted_draft_tokens": 0, "host_seconds": 0.0}
+    self.processor = OutputProcessor(self.scheduler, self.stats, self._finish)
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
-             "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s; token buckets %s, sequence "
-             "buckets %s", self.num_pages, self.page_size, cfg.num_layers, self.max_batch_size, self.max_step_tokens,
-             self.max_model_len, self.chunked_prefill, self.enable_prefix_caching,
-             self.enable_shared_prefix_attention, self.token_buckets, self.seq_buckets)
+             "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s, async scheduling %s; token "
+             "buckets %s (decode-only steps: %s), sequence buckets %s", ec.num_pages, ec.page_size, cfg.num_layers,
+             ec.max_batch_size, ec.max_step_tokens, ec.max_model_len, ec.chunked_prefill, ec.enable_prefix_caching,
+             ec.enable_shared_prefix_attention, ec.async_scheduling, self.token_buckets,
+             "sequence bucket" if self.builder.decode_buckets else "token buckets", self.seq_buckets)
+
+  # ------------------------------------------------------------------ config views
+  def __getattr__(self, name):
+    # engine.page_size, engine.max_batch_size, ...: the resolved EngineConfig's fields
+    if name != "engine_config" and "engine_config" in self.__dict__ and hasattr(self.engine_config, name):
+      return getattr(self.engine_config, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+  @property
+  def token_buckets(self) -> tuple[int, ...]:
+    return self.builder.token_buckets
+
+  @property
+  def seq_buckets(self) -> tuple[int, ...]:
+    return self.builder.seq_buckets
+
+  @property
+  def group_buckets(self) -> tuple[int, ...]:
+    return self.builder.group_buckets
 
   # ------------------------------------------------------------------ introspection
   @property
   def max_programs(self) -> int:
-    """Upper bound on the step programs this engine can compile (page-copy programs not included: at most
-    len(copy_buckets) more, with prefix caching)."""
-    return len(self.token_buckets) * len(self.seq_buckets) * len(self.group_buckets)
+    """Upper bound on the step programs this engine can compile (page-copy and page-table-update programs
+    not included: at most len(runner.copy_buckets) and len(runner.update_buckets) more)."""
+    return self.builder.max_programs
 
   @property
   def prefix_stats(self) -> dict:
     """Prefix cache counters: admissions looked up, admissions that reused cached tokens, tokens reused
     (not recomputed), copy-on-write page copies, pages evicted, pages cached now (in use or evictable)."""
     sch = self.scheduler
-    cached = self.allocator.num_cached if self.enable_prefix_caching else 0
-    evicted = self.allocator.num_evictions if self.enable_prefix_caching else 0
+    caching = self.engine_config.enable_prefix_caching
     return {"queries": sch.prefix_queries, "hits": sch.prefix_hits, "hit_tokens": sch.prefix_hit_tokens,
-            "copies": sch.cow_copies, "evictions": evicted, "cached_pages": cached}
+            "copies": sch.cow_copies, "evictions": self.allocator.num_evictions if caching else 0,
+            "cached_pages": self.allocator.num_cached if caching else 0}
 
   def check_pages(self) -> dict:
     """Checks the page pool and returns {"free", "cached_idle", "in_use"} page counts.
@@ -193,18 +148,18 @@ class Engine:
       count = self.allocator.refcount(p)
       assert count == holders.get(p, 0), f"page {p}: reference count {count}, held by {holders.get(p, 0)}"
     in_use = sum(1 for p in range(self.num_pages) if self.allocator.refcount(p) > 0)
-    cached_idle = self.allocator.num_evictable if self.enable_prefix_caching else 0
+    cached_idle = self.allocator.num_evictable if self.engine_config.enable_prefix_caching else 0
     if not self.has_unfinished():
       assert in_use == 0, f"{in_use} pages still referenced with no request unfinished"
     return {"free": self.allocator.num_free - cached_idle, "cached_idle": cached_idle, "in_use": in_use}
 
   def reset_prefix_cache(self) -> int:
     """Forgets every cached page nobody uses (they become plain free pages); returns how many."""
-    return self.allocator.reset_cache() if self.enable_prefix_caching else 0
+    return self.allocator.reset_cache() if self.engine_config.enable_prefix_caching else 0
 
   @property
   def compilations(self) -> int:
-    """Step programs compiled since this engine was created (the jit cache is shared between engines)."""
+    """Step programs compiled since this engine was created (engines of the same model share programs)."""
     return step_lib.compilation_count() - self._compilations_at_start
 
   def has_unfinished(self) -> bool:
@@ -228,44 +183,9 @@ class Engine:
 
   # ------------------------------------------------------------------ requests
   def _check_request(self, prompt_ids, sampling, max_new_tokens, stop_token_ids, name="prompt"):
-    """Validates one request; returns (prompt list, sampling, max_new_tokens, stop set) or raises RequestRejected."""
-    try:
-      ids = np.asarray(prompt_ids)
-    except Exception as e:  # ragged nested lists and the like
-      raise RequestRejected(f"{name}: not a sequence of token ids ({e})") from None
-    if ids.ndim != 1 or ids.size == 0:
-      raise RequestRejected(f"{name}: must be a non-empty 1-D sequence of token ids, got shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-      raise RequestRejected(f"{name}: token ids must be integers, got dtype {ids.dtype}")
-    vocab = self.config.vocab_size
-    bad = ids[(ids < 0) | (ids >= vocab)]
-    if bad.size:
-      raise RequestRejected(f"{name}: token id {int(bad[0])} is outside the vocabulary [0, {vocab})")
-    n = int(ids.size)
-    if n >= self.max_model_len:
-      raise RequestRejected(f"{name}: length {n} leaves no room to generate: the maximum context (max_model_len) "
-                            f"is {self.max_model_len} tokens")
-    if max_new_tokens is None:  # as many as the context and the pool allow
-      max_new_tokens = max(1, min(self.max_model_len, self.num_pages * self.page_size) - n)
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-      raise RequestRejected(f"{name}: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if n + max_new_tokens > self.max_model_len:
-      raise RequestRejected(f"{name}: length {n} + max_new_tokens {max_new_tokens} = {n + max_new_tokens} exceeds "
-                            f"the maximum context (max_model_len) of {self.max_model_len} tokens")
-    pages = self.scheduler.pages_for(n + max_new_tokens)
-    if pages > self.num_pages:
-      raise RequestRejected(f"{name}: {n} + {max_new_tokens} tokens need {pages} pages of {self.page_size}, but the "
-                            f"pool only has num_pages={self.num_pages}: it could never fit")
-    sampling = SamplingParams() if sampling is None else sampling
-    if not isinstance(sampling, SamplingParams):
-      raise RequestRejected(f"{name}: sampling must be a SamplingParams, got {type(sampling).__name__}")
-    if not 0 <= sampling.seed < 2**32:
-      raise RequestRejected(f"{name}: sampling.seed must be in [0, 2**32), got {sampling.seed}")
-    stops = frozenset(int(t) for t in stop_token_ids)
-    bad_stops = sorted(t for t in stops if not 0 <= t < vocab)
-    if bad_stops:
-      raise RequestRejected(f"{name}: stop token id {bad_stops[0]} is outside the vocabulary [0, {vocab})")
-    return [int(t) for t in ids.tolist()], sampling, int(max_new_tokens), stops
+    ec = self.engine_config
+    return check_request(prompt_ids, sampling, max_new_tokens, stop_token_ids, vocab=self.config.vocab_size,
+                         max_model_len=ec.max_model_len, num_pages=ec.num_pages, page_size=ec.page_size, name=name)
 
   def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                   max_new_tokens: int | None = None, stop_token_ids: Sequence[int] = ()) -> int:
@@ -307,148 +227,132 @@ class Engine:
                                                [] if request.sampling.logprobs else None))
     return True
 
+  def rollback(self, request_id: int, num_tokens: int) -> int:
+    """Discards the last num_tokens generated tokens of an unfinished request (speculative methods, or a
+    client editing a reply); its pages beyond the kept tokens go back to the pool. Returns how many pages.
+    The request then generates again from its kept tokens (max_new_tokens counts the kept ones only)."""
+    request = self._requests.get(request_id)
+    if request is None:
+      raise UnknownRequestError(f"rollback: request {request_id!r} is unknown to this engine or finished")
+    self._drain()
+    if request_id not in self._requests:  # finished by the step just processed
+      raise UnknownRequestError(f"rollback: request {request_id!r} finished ({self._finish_reasons[request_id]})")
+    try:
+      return len(self.scheduler.rollback(request, num_tokens))
+    except ValueError as e:
+      raise RequestRejected(f"rollback: request {request_id}: {e}") from None
+
   def _finish(self, request: Request, reason: str) -> None:
     self.scheduler.release(request)
+    self.builder.release(request)
     request.finish_reason = reason
     del self._requests[request.request_id]
     self._finish_reasons[request.request_id] = reason
 
   # ------------------------------------------------------------------ one step
-  def step(self) -> list[RequestOutput]:
-    """Schedules and runs one step. Returns one RequestOutput per request that produced a token (or was
-    cancelled since the last step); empty when there was nothing to do."""
-    outputs, self._pending_outputs = self._pending_outputs, []
+  def _launch(self):
+    """Schedules and dispatches one step (not waiting for it); returns its InFlight or None if nothing ran."""
+    start = time.perf_counter()
     schedule = self.scheduler.schedule()
     self.stats["preemptions"] += len(schedule.preempted)
     for r in schedule.preempted:
+      self.builder.release(r)
       log.debug("engine: preempted request %d (%d tokens to recompute)", r.request_id, r.num_tokens)
     seqs = schedule.seqs
     if not seqs:
       self.scheduler.release_copy_sources()
-      return outputs
-    num_tokens = schedule.num_tokens
-    t_pad = step_lib.pick_bucket(num_tokens, self.token_buckets)
-    s_pad = step_lib.pick_bucket(len(seqs), self.seq_buckets)
-    g_pad = step_lib.pick_bucket(len(schedule.groups), self.group_buckets) if schedule.groups else 0
-    if (t_pad, s_pad, g_pad) not in self._shapes_seen:
-      self._shapes_seen.add((t_pad, s_pad, g_pad))
-      if self.separate_compile:
-        start = time.perf_counter()
-        self._run_empty(t_pad, s_pad, g_pad)
-        self.stats["compile_seconds"] += time.perf_counter() - start
-    batch = self._empty_batch(t_pad, s_pad, g_pad)
-    offset = 0
-    for i, s in enumerate(seqs):
-      r, n = s.request, s.num_tokens
-      batch["tokens"][offset:offset + n] = r.token_slice(s.start, s.start + n)
-      batch["positions"][offset:offset + n] = np.arange(s.start, s.start + n)
-      offset += n
-      batch["cu_q_lens"][i + 1] = offset
-      batch["kv_lens"][i] = s.start + n
-      batch["page_table"][i, :len(r.pages)] = r.pages
-      sp = r.sampling
-      batch["temperature"][i], batch["top_k"][i], batch["top_p"][i] = sp.temperature, sp.top_k, sp.top_p
-      batch["min_p"][i], batch["seeds"][i] = sp.min_p, sp.seed
-    batch["cu_q_lens"][len(seqs) + 1:] = offset
-    batch["num_seqs"] = np.int32(len(seqs))
-    for g, group in enumerate(schedule.groups):
-      members = range(group.first, group.first + group.num_seqs)
-      prefix = group.num_pages * self.page_size
-      batch["group_table"][g, :group.num_pages] = seqs[group.first].request.pages[:group.num_pages]
-      batch["group_lens"][g] = prefix
-      batch["group_rows"][g, :group.num_seqs] = batch["cu_q_lens"][group.first:group.first + group.num_seqs]
-      batch["seq_prefix_lens"][members.start:members.stop] = prefix
+      self.stats["host_seconds"] += time.perf_counter() - start
+      return None
+    built = self.builder.build(schedule, self._prev_rows)
+    compile_before = self.runner.compile_seconds
+    self.runner.maybe_compile_apart(built.shape, self.pages_per_seq)
+    self.stats["compile_seconds"] = self.runner.compile_seconds
+    want_logprobs = any(s.num_samples and s.request.sampling.logprobs for s in seqs)
+    ps = self.page_size
+    for group in schedule.groups:
       self.stats["shared_prefix_groups"] += 1
       self.stats["shared_prefix_seqs"] += group.num_seqs
-      self.stats["shared_prefix_tokens_saved"] += (group.num_seqs - 1) * prefix
-    if schedule.copies:
-      self._copy_pages(schedule.copies)
+      self.stats["shared_prefix_tokens_saved"] += (group.num_seqs - 1) * group.num_pages * ps
+    dispatch_start = time.perf_counter()
+    inflight = self.runner.dispatch(built, schedule.copies, want_logprobs)
+    dispatch_seconds = time.perf_counter() - dispatch_start  # device work handed over (compiles on a new shape)
     self.scheduler.release_copy_sources()
-    tokens, logprobs, self._k_pages, self._v_pages = step_lib.engine_step(
-        self._graphdef, self._state, self._k_pages, self._v_pages, batch, attention_impl=self.attention_impl,
-        prefix_impl=self.shared_prefix_impl, interpret=self.interpret)
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-    self.stats["steps"] += 1
-    self.stats["scheduled_tokens"] += num_tokens
-    self.stats["padded_tokens"] += t_pad
-    self.stats["max_step_seqs"] = max(self.stats["max_step_seqs"], len(seqs))
-
-    for i, s in enumerate(seqs):
+    prev_rows = {}
+    for s, (row, k) in zip(seqs, built.sample_rows):
       r = s.request
-      samples = s.samples
-      r.num_computed = s.start + s.num_tokens
-      if not samples:
-        self.stats["partial_prefills"] += 1
-        continue
-      token = int(tokens[i])
-      r.output.append(token)
-      r.logprobs.append(float(logprobs[i]))
-      self.stats["generated_tokens"] += 1
-      reason = STOP if token in r.stop_token_ids else LENGTH if len(r.output) >= r.max_new_tokens else None
-      if reason is not None:
-        self._finish(r, reason)
-      outputs.append(RequestOutput(r.request_id, [token], reason is not None, reason,
-                                   [r.logprobs[-1]] if r.sampling.logprobs else None))
+      r.num_computed = s.start + s.num_tokens - s.num_draft  # as if the step had run: the next one follows it
+      if k:
+        r.num_inflight += 1
+        prev_rows[r.request_id] = row + k - 1
+    self._prev_rows = prev_rows
+    self.stats["steps"] += 1
+    self.stats["scheduled_tokens"] += built.num_tokens
+    self.stats["padded_tokens"] += built.shape[0]
+    self.stats["max_step_seqs"] = max(self.stats["max_step_seqs"], len(seqs))
+    self.stats["host_seconds"] += (time.perf_counter() - start - dispatch_seconds
+                                   - (self.runner.compile_seconds - compile_before))
+    return inflight
+
+  def _process(self, inflight) -> list[RequestOutput]:
+    tokens, logprobs = inflight.fetch()
+    start = time.perf_counter()
+    outputs = self.processor.process(inflight.built, tokens, logprobs)
+    self.stats["host_seconds"] += time.perf_counter() - start
     return outputs
 
-  def _copy_pages(self, copies: list[tuple[int, int]]) -> None:
-    """Copy-on-write: copies page src into page dst in every layer's pools (one small jitted program)."""
-    n = step_lib.pick_bucket(len(copies), self.copy_buckets)
-    src = np.zeros((n,), np.int32)
-    dst = np.full((n,), self.num_pages, np.int32)  # padding: out of the pool, dropped
-    src[:len(copies)], dst[:len(copies)] = zip(*copies)
-    self._k_pages, self._v_pages = step_lib.copy_pages(self._k_pages, self._v_pages, src, dst)
+  def _drain(self) -> None:
+    """Processes the step still running (async scheduling), keeping its outputs for the next step()."""
+    if self._inflight is not None:
+      inflight, self._inflight = self._inflight, None
+      self._pending_outputs += self._process(inflight)
+      self._prev_rows = {}
 
-  def _empty_batch(self, t_pad: int, s_pad: int, g_pad: int = 0) -> dict:
-    groups = {} if not g_pad else {
-        "group_rows": np.full((g_pad, s_pad), t_pad, np.int32),  # padding members: row t_pad, dropped
-        "group_table": np.zeros((g_pad, self.pages_per_seq), np.int32),
-        "group_lens": np.zeros((g_pad,), np.int32),
-        "seq_prefix_lens": np.zeros((s_pad,), np.int32),
-    }
-    return groups | {
-        "tokens": np.zeros((t_pad,), np.int32),
-        "positions": np.zeros((t_pad,), np.int32),
-        "cu_q_lens": np.zeros((s_pad + 1,), np.int32),
-        "kv_lens": np.zeros((s_pad,), np.int32),
-        "page_table": np.zeros((s_pad, self.pages_per_seq), np.int32),
-        "num_seqs": np.int32(0),
-        "temperature": np.zeros((s_pad,), np.float32),
-        "top_k": np.zeros((s_pad,), np.int32),
-        "top_p": np.ones((s_pad,), np.float32),
-        "min_p": np.zeros((s_pad,), np.float32),
-        "seeds": np.zeros((s_pad,), np.uint32),
-    }
+  def step(self) -> list[RequestOutput]:
+    """Schedules and runs one step and returns its outputs: one RequestOutput per request that produced
+    tokens (or was cancelled since the last step); empty when there was nothing to do. Synchronous."""
+    self._drain()
+    outputs, self._pending_outputs = self._pending_outputs, []
+    inflight = self._launch()
+    if inflight is not None:
+      outputs += self._process(inflight)
+    self._prev_rows = {}
+    return outputs
+
+  def _async_step(self) -> list[RequestOutput]:
+    """Dispatches step N+1, then processes step N (which ran meanwhile); returns step N's outputs."""
+    if self.scheduler.proposer is not None:  # drafts need the tokens before them
+      return self.step()
+    outputs, self._pending_outputs = self._pending_outputs, []
+    launched = self._launch()
+    previous, self._inflight = self._inflight, launched
+    if previous is not None:
+      outputs += self._process(previous)
+    return outputs
 
   def warmup(self) -> int:
-    """Compiles every (token bucket, sequence bucket) program ahead of time with empty steps (num_seqs=0:
-    nothing is written, nothing sampled is used). Returns how many programs were new."""
+    """Compiles every step shape ahead of time with empty steps (num_seqs=0: nothing is written, nothing
+    sampled is used). Returns how many programs were new."""
+    self._drain()
     before = step_lib.compilation_count()
-    for t_pad in self.token_buckets:
-      for s_pad in self.seq_buckets:
-        for g_pad in self.group_buckets:
-          self._run_empty(t_pad, s_pad, g_pad)
+    for shape in self.builder.all_shapes():
+      self.runner.run_empty(shape, self.pages_per_seq)
     return step_lib.compilation_count() - before
-
-  def _run_empty(self, t_pad: int, s_pad: int, g_pad: int = 0) -> None:
-    tokens, _, self._k_pages, self._v_pages = step_lib.engine_step(
-        self._graphdef, self._state, self._k_pages, self._v_pages, self._empty_batch(t_pad, s_pad, g_pad),
-        attention_impl=self.attention_impl, prefix_impl=self.shared_prefix_impl, interpret=self.interpret)
-    tokens.block_until_ready()
 
   # ------------------------------------------------------------------ drivers
   def stream(self) -> Iterator[RequestOutput]:
-    """Steps until every request has finished, yielding each RequestOutput as it is produced. Requests may be
-    added or cancelled between items."""
-    while self.has_unfinished() or self._pending_outputs:
+    """Steps until every request has finished, yielding each RequestOutput as it is produced (with async
+    scheduling, one step after the step that made it). Requests may be added or cancelled between items."""
+    while self.has_unfinished() or self._pending_outputs or self._inflight is not None:
       yield from self._checked_step()
 
   def _checked_step(self) -> list[RequestOutput]:
-    """step(), raising instead of spinning if requests are left but nothing could be scheduled (the
-    admission checks rule this out; this only guards drivers against an endless loop)."""
+    """One step of the drivers (async unless switched off), raising instead of spinning if requests are left
+    but nothing could be scheduled (the admission checks rule this out; this only guards against a loop)."""
     steps = self.stats["steps"]
-    outputs = self.step()
-    if not outputs and self.stats["steps"] == steps and self.has_unfinished():
+    had_inflight = self._inflight is not None
+    outputs = self._async_step() if self.engine_config.async_scheduling else self.step()
+    if (not outputs and self.stats["steps"] == steps and not had_inflight and self._inflight is None
+        and self.has_unfinished()):
       raise RuntimeError(f"engine stalled: {self.num_waiting} waiting, {self.num_running} running, "
                          f"{self.allocator.num_free}/{self.num_pages} pages free")
     return outputs

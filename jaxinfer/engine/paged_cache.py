@@ -4,13 +4,15 @@ It implements the model's cache protocol (see jaxinfer/models/kv_cache.py), so t
 unchanged. One engine step feeds the model a ragged batch flattened into one row: tokens [1, max_tokens],
 sequence s owning rows cu_q_lens[s]:cu_q_lens[s+1] (its newest tokens, positions kv_lens[s]-q_len .. kv_lens[s]-1).
 
-  begin(positions, segment_ids)  -> computes each new token's slot (page * page_size + offset) from the
-                                    page table; padding rows get an out-of-pool slot, dropped on write
+  begin(positions, segment_ids)  -> the new tokens' slots: the engine sends them from the host (its slot
+                                    mapping, as vLLM does); without one they are computed from the page table
+                                    (page * page_size + offset); padding rows get an out-of-pool slot, dropped
   attend(layer, q, k, v, ...)    -> scatters this layer's new k/v into its pages, then
                                     pallas_kernels.ragged_paged_attention over the pages
   finish(layer_kvs, n)           -> the cache holding the updated pools
 
-Token at position p of sequence s lives in page page_table[s, p // page_size] at offset p % page_size.
+Attention reads token p of sequence s from page page_table[s, p // page_size] at offset p % page_size; writes
+go wherever the slot mapping says (the engine's default mapping agrees with that layout).
 
 Shared-prefix attention (Hydragen; when the step carries prefix groups): group g is a set of decode rows
 (group_rows[g]) whose sequences hold the same physical pages group_table[g] at the start of their page tables,
@@ -28,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
+from jaxinfer.engine.kv_pool import KVPool, store
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
 
@@ -48,7 +51,8 @@ class PagedKVCache:
   kv_lens: jax.Array  # [max_seqs] int32: tokens cached per sequence, this step's included
   cu_q_lens: jax.Array  # [max_seqs + 1] int32: row offsets of each sequence's new tokens
   num_seqs: jax.Array  # scalar int32: sequences in this step (the rest of the arrays are padding)
-  slots: jax.Array | None = None  # [max_tokens] int32: flat pool slot of each new token (set by begin)
+  slots: jax.Array | None = None  # [max_tokens] int32: flat pool slot of each new token (host slot mapping,
+  # or computed by begin from the page table)
   # shared-prefix attention (all None: every sequence attends over its own pages only)
   group_rows: jax.Array | None = None  # [groups, max_seqs] int32: row of each member's decode token (pad: T)
   group_table: jax.Array | None = None  # [groups, pages_per_seq] int32: the group's prefix pages
@@ -61,10 +65,8 @@ class PagedKVCache:
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
     """Zeroed k and v pools, one [num_pages, page_size, kv_heads, head_dim] array per layer."""
-    dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (num_pages, page_size, cfg.num_kv_heads, cfg.resolved_head_dim)
-    return (tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)),
-            tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)))
+    pool = KVPool.create(cfg, num_pages, page_size, dtype)
+    return pool.k, pool.v
 
   @property
   def num_pages(self) -> int:
@@ -76,10 +78,12 @@ class PagedKVCache:
 
   def begin(self, positions, segment_ids) -> "PagedKVCache":
     """Records where each new token goes. positions [1, max_tokens]; segment_ids are not needed (the
-    sequence of a row follows from cu_q_lens)."""
+    sequence of a row follows from cu_q_lens). Slots sent by the host are kept as they are."""
     del segment_ids
     if positions.shape[0] != 1:
       raise ValueError(f"PagedKVCache takes the ragged batch flattened to one row, got batch {positions.shape[0]}")
+    if self.slots is not None:
+      return self
     pos = positions[0].astype(jnp.int32)
     seq, valid = token_sequence(self.cu_q_lens, self.num_seqs, pos.shape[0])
     ps = self.page_size
@@ -97,10 +101,7 @@ class PagedKVCache:
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
-    kp, vp = self.k_pages[layer], self.v_pages[layer]
-    flat = (kp.shape[0] * kp.shape[1],) + kp.shape[2:]
-    kp = kp.reshape(flat).at[self.slots].set(k[0].astype(kp.dtype), mode="drop").reshape(kp.shape)
-    vp = vp.reshape(flat).at[self.slots].set(v[0].astype(vp.dtype), mode="drop").reshape(vp.shape)
+    kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k[0], v[0])
     if self.group_table is None:
       out = pallas_kernels.ragged_paged_attention(
           q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,

@@ -66,11 +66,24 @@ class Request:
   page_hashes: list[int] = dataclasses.field(default_factory=list)
   num_registered_pages: int = 0
   num_cached_tokens: int = 0
+  # async scheduling: tokens sampled by steps still running on the device (counted in num_tokens, not yet in
+  # output: the host only knows their positions)
+  num_inflight: int = 0
 
   @property
   def num_tokens(self) -> int:
-    """Prompt plus generated tokens."""
+    """Prompt plus generated tokens (those still on the device included)."""
+    return len(self.prompt) + len(self.output) + self.num_inflight
+
+  @property
+  def num_resolved(self) -> int:
+    """Prompt plus generated tokens the host knows."""
     return len(self.prompt) + len(self.output)
+
+  @property
+  def done_scheduling(self) -> bool:
+    """Every token it may generate has been asked of some step (the last results may still be running)."""
+    return len(self.output) + self.num_inflight >= self.max_new_tokens
 
   @property
   def num_pending(self) -> int:
@@ -78,6 +91,8 @@ class Request:
     return self.num_tokens - self.num_computed
 
   def token_slice(self, start: int, stop: int) -> list[int]:
+    if stop > self.num_resolved:
+      raise ValueError(f"request {self.request_id}: tokens up to {stop} asked, {self.num_resolved} known")
     p = len(self.prompt)
     if stop <= p:
       return self.prompt[start:stop]

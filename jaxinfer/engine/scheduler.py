@@ -42,13 +42,23 @@ from jaxinfer.engine.request import Request, Status
 @dataclasses.dataclass
 class ScheduledSeq:
   request: Request
-  num_tokens: int  # tokens run through the model for it this step
+  num_tokens: int  # tokens run through the model for it this step (draft tokens included)
   start: int  # position of the first of them
+  draft_tokens: list[int] = dataclasses.field(default_factory=list)  # proposed tokens to verify, after its own
+
+  @property
+  def num_draft(self) -> int:
+    return len(self.draft_tokens)
 
   @property
   def samples(self) -> bool:
     """After this step all its tokens are computed, so a new token is sampled from its last row."""
-    return self.start + self.num_tokens == self.request.num_tokens
+    return self.start + self.num_tokens - self.num_draft == self.request.num_tokens
+
+  @property
+  def num_samples(self) -> int:
+    """Rows sampled: its last row, plus one per draft token (0 while mid-prefill)."""
+    return 1 + self.num_draft if self.samples else 0
 
 
 @dataclasses.dataclass
@@ -74,10 +84,14 @@ class Schedule:
 class Scheduler:
   def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch_size: int, max_step_tokens: int,
                chunked_prefill: bool = True, prefix_caching: bool = False, group_prefixes: bool = False,
-               max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1):
+               max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1, proposer=None,
+               max_rows_per_seq: int = 1, max_model_len: int | None = None):
     if prefix_caching and not isinstance(allocator, PrefixCachingAllocator):
       raise ValueError("prefix_caching needs a PrefixCachingAllocator")
     self.allocator = allocator
+    self.proposer = proposer  # speculative decoding: draft tokens for decodes (jaxinfer/engine/speculative.py)
+    self.max_rows_per_seq = max_rows_per_seq
+    self.max_model_len = max_model_len
     self.prefix_caching = prefix_caching
     self.group_prefixes = group_prefixes
     self.max_prefix_groups = max_prefix_groups
@@ -181,9 +195,9 @@ class Scheduler:
 
   def _register(self, request: Request, num_tokens: int) -> None:
     """Names in the cache the request's full pages among its first num_tokens tokens (computed by this step
-    or before)."""
+    or before). Only tokens the host knows are named (not those still on the device, never draft tokens)."""
     ps, cache = self.page_size, self.allocator
-    n = min(num_tokens // ps, len(request.pages))
+    n = min(min(num_tokens, request.num_resolved) // ps, len(request.pages))
     if n <= request.num_registered_pages:
       return
     hs = self._hashes(request, n)
@@ -291,6 +305,62 @@ class Scheduler:
     order.extend(i for i in range(len(seqs)) if i not in grouped)
     return [seqs[i] for i in order], groups
 
+  def register_computed(self, request: Request) -> None:
+    """Names the request's full computed pages whose tokens became known since they were scheduled (async
+    scheduling, accepted draft tokens). Their steps were dispatched before any later step that may read them."""
+    if self.prefix_caching and request.status is Status.RUNNING:
+      self._register(request, request.num_computed)
+
+  def rollback(self, request: Request, n: int) -> list[int]:
+    """Discards the last n generated tokens of a request; returns the pages given back to the pool.
+
+    The token before them is computed again (its logits give the next token). A page the cache names is never
+    written again: if the cut falls inside (or just after) a named page, that page is dropped from the request
+    (others may still share it) and its kept tokens are recomputed into a fresh page."""
+    if not 0 <= n <= len(request.output):
+      raise ValueError(f"rollback of {n} tokens: the request has {len(request.output)} generated tokens")
+    if request.num_inflight:
+      raise RuntimeError(f"rollback of request {request.request_id} while its tokens are still on the device")
+    if n == 0:
+      return []
+    del request.output[-n:]
+    del request.logprobs[-n:]
+    new_len = request.num_tokens
+    ps = self.page_size
+    untouched = (new_len - 1) // ps  # full pages wholly before the last kept token
+    if request.num_registered_pages > untouched:
+      keep_pages = untouched
+      request.num_registered_pages = untouched
+      request.num_computed = min(request.num_computed, untouched * ps)
+    else:
+      keep_pages = self.pages_for(new_len)
+      request.num_computed = min(request.num_computed, new_len - 1)
+    del request.page_hashes[untouched:]
+    released = request.pages[keep_pages:]
+    request.pages = request.pages[:keep_pages]
+    if released:
+      self.allocator.decref(released)
+    return released
+
+  def trim(self, request: Request) -> None:
+    """Gives back pages beyond the request's tokens (after draft tokens were rejected)."""
+    keep = self.pages_for(request.num_tokens)
+    if request.status is Status.RUNNING and len(request.pages) > keep:
+      released = request.pages[keep:]
+      request.pages = request.pages[:keep]
+      self.allocator.decref(released)
+
+  def _drafts(self, request: Request, budget: int) -> list[int]:
+    """Draft tokens to verify beside a decode (none without a proposer)."""
+    if self.proposer is None or self.max_rows_per_seq <= 1 or request.num_inflight:
+      return []
+    room = min(self.max_rows_per_seq - 1, budget - 1, request.max_new_tokens - len(request.output) - 1)
+    if self.max_model_len is not None:
+      room = min(room, self.max_model_len - request.num_tokens - 1)
+    if room <= 0:
+      return []
+    return list(self.proposer.propose(request, room))[:room]
+
   def _preempt(self, request: Request) -> None:
     self.running.remove(request)
     self._free_pages(request)
@@ -310,8 +380,10 @@ class Scheduler:
     self.release_copy_sources()  # normally done by the engine right after the previous step
     self._pending = set()
 
-    decoding = [r for r in self.running if r.num_pending == 1]
-    prefilling = [r for r in self.running if r.num_pending > 1]
+    # requests whose every token has been asked for (results still running) are left out
+    active = [r for r in self.running if not r.done_scheduling]
+    decoding = [r for r in active if r.num_pending == 1]
+    prefilling = [r for r in active if r.num_pending > 1]
     for request in decoding + prefilling:
       if request.status is not Status.RUNNING:
         continue  # preempted earlier in this loop
@@ -320,6 +392,10 @@ class Scheduler:
       n = min(request.num_pending, budget) if self.chunked_prefill else request.num_pending
       if n > budget:
         continue
+      drafts = self._drafts(request, budget) if request.num_pending == 1 else []
+      if drafts and not self._reserve(request, n + len(drafts)):
+        drafts = []  # drafts never cost anyone else their pages
+      n += len(drafts)
       while not self._reserve(request, n):
         victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
         self._preempt(victim)
@@ -327,15 +403,17 @@ class Scheduler:
         if victim is request:
           break
       if request.status is Status.RUNNING:
-        seqs.append(ScheduledSeq(request, n, request.num_computed))
+        seqs.append(ScheduledSeq(request, n, request.num_computed, drafts))
         scheduled.add(request.request_id)
         budget -= n
         if self.prefix_caching:
-          self._register(request, request.num_computed + n)
+          self._register(request, request.num_computed + n - len(drafts))
 
     # admission; not in a step that had to preempt (the pool is tight: let the running requests drain first)
     while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_batch_size:
       request = self.waiting[0]
+      if request.num_inflight:
+        break  # preempted while its newest token was still on the device: wait until it is known
       plan = self._admission_plan(request, budget)
       if plan is None:
         break  # admission never preempts: it waits for pages (or budget) to come back

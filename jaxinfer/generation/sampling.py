@@ -28,20 +28,46 @@ class SamplingParams:
       raise ValueError(f"SamplingParams.min_p must be in [0, 1], got {self.min_p}")
 
 
-def _filter_logits(scaled, top_k, top_p, min_p):
-  """-inf outside the top-k / nucleus / min-p set of each row; parameters are per row, dynamic."""
+MAX_FAST_TOP_K = 256  # top-k up to this is found with lax.top_k; larger k (rare) falls back to a full sort
+
+
+def _kth_largest(scaled, top_k):
+  """[b, 1]: each row's top_k-th largest value (lax.top_k over MAX_FAST_TOP_K values, not a vocabulary sort)."""
   vocab = scaled.shape[-1]
+  k_static = min(vocab, MAX_FAST_TOP_K)
+  idx = jnp.clip(top_k - 1, 0, vocab - 1)[:, None]
+
+  def fast(_):
+    values, _ = jax.lax.top_k(scaled, k_static)
+    return jnp.take_along_axis(values, jnp.minimum(idx, k_static - 1), axis=-1)
+
+  def full(_):
+    return jnp.take_along_axis(-jnp.sort(-scaled, axis=-1), idx, axis=-1)
+
+  return jax.lax.cond(jnp.all(top_k <= k_static), fast, full, None)
+
+
+def _nucleus_floor(scaled, top_p):
+  """[b, 1]: the smallest logit still inside each row's top-p nucleus (needs the sorted row)."""
   sorted_desc = -jnp.sort(-scaled, axis=-1)
-  kth = jnp.take_along_axis(sorted_desc, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
-  keep = jnp.where((top_k > 0)[:, None], scaled >= kth, True)
   probs_sorted = jax.nn.softmax(sorted_desc, axis=-1)
   mass_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
   # the first token is always kept; rows with top_p >= 1 keep everything (cumsum rounding must not drop tails,
   # or a row's draws would depend on whether another row in the batch asked for a filter)
   in_nucleus = (mass_before < top_p[:, None]) | (top_p >= 1.0)[:, None]
   # smallest logit still inside the nucleus; ties at the boundary are kept
-  nucleus_floor = jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-  keep &= scaled >= nucleus_floor
+  return jnp.min(jnp.where(in_nucleus, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def _filter_logits(scaled, top_k, top_p, min_p):
+  """-inf outside the top-k / nucleus / min-p set of each row; parameters are per row, dynamic. The sort that
+  top-p needs runs only when some row asks for top-p."""
+  kth = jax.lax.cond(jnp.any(top_k > 0), lambda s: _kth_largest(s, top_k),
+                     lambda s: jnp.full(s.shape[:1] + (1,), -jnp.inf, s.dtype), scaled)
+  keep = jnp.where((top_k > 0)[:, None], scaled >= kth, True)
+  floor = jax.lax.cond(jnp.any(top_p < 1.0), lambda s: _nucleus_floor(s, top_p),
+                       lambda s: jnp.full(s.shape[:1] + (1,), -jnp.inf, s.dtype), scaled)
+  keep &= scaled >= floor
   probs = jax.nn.softmax(scaled, axis=-1)
   keep &= probs >= min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True)
   return jnp.where(keep, scaled, -jnp.inf)

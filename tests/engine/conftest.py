@@ -1,16 +1,11 @@
-"""Engine test set-up: the tiny model fixture; engine_testlib importable from the tests."""
-
-import os
-import sys
+"""Engine test set-up: the tiny model fixture (testlib is on pytest's pythonpath, see pyproject.toml)."""
 
 import pytest
+from testlib import tiny_model_config
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import jaxinfer  # noqa: E402
-from engine_testlib import CFG  # noqa: E402
+import jaxinfer
 
 
 @pytest.fixture(scope="session")
 def model():
-  return jaxinfer.init_model(CFG, seed=7)
+  return jaxinfer.init_model(tiny_model_config(), seed=7)

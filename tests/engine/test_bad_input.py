@@ -7,7 +7,9 @@ import pytest
 from jaxinfer import SamplingParams
 from jaxinfer.engine import Engine, QueueFullError, RequestRejected, UnknownRequestError
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 SMALL = dict(max_batch_size=4, page_size=4, num_pages=8, max_step_tokens=16, max_queue=3, max_model_len=48,
              min_token_bucket=16)

@@ -6,7 +6,9 @@ import numpy as np
 import jaxinfer
 from jaxinfer.engine import Engine
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 
 def test_64_requests_arriving_over_time_match_generate_one_at_a_time(model):

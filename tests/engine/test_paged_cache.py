@@ -6,7 +6,9 @@ from flax import nnx
 
 from jaxinfer.engine import PagedKVCache
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 
 @nnx.jit

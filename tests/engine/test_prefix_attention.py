@@ -10,7 +10,9 @@ from jaxinfer.engine.request import Request
 from jaxinfer.engine.scheduler import PrefixGroup, ScheduledSeq, Scheduler
 from jaxinfer.generation.sampling import SamplingParams
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 
 def _seq(rid, pages, start, num_tokens=1):

@@ -8,7 +8,9 @@ import jaxinfer
 from jaxinfer.engine import Engine, OutOfPagesError, RequestRejected
 from jaxinfer.engine.prefix_cache import ROOT_HASH, PrefixCachingAllocator, page_hash
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 PAGE = 4
 # Two engine shapes for every test here (each distinct pool / bucket set costs a few compiled programs): one

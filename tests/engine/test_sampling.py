@@ -8,7 +8,9 @@ import jaxinfer
 from jaxinfer import SamplingParams
 from jaxinfer.engine import Engine
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 ENGINE = dict(max_batch_size=8, page_size=4, num_pages=64, max_step_tokens=16, min_token_bucket=8)
 

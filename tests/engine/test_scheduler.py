@@ -5,7 +5,9 @@ import numpy as np
 
 from jaxinfer.engine import Engine
 
-from engine_testlib import CFG
+from testlib import tiny_model_config
+
+CFG = tiny_model_config()
 
 
 def test_decodes_keep_going_while_a_long_prompt_is_prefilled_in_chunks(model):

@@ -1,0 +1,120 @@
+"""ModelRunner: owns the device side of the engine (model state, KV pool, page table) and dispatches steps.
+
+  runner = ModelRunner(model, engine_config)
+  inflight = runner.dispatch(built_step, copies)   # returns at once; the step runs on the device
+  tokens, logprobs = inflight.fetch()              # host copies, started right after dispatch
+
+The model is split once (nnx.split); the jitted step closes over its graph definition (built once per graph and
+options and shared by engines of the same model), so no step hashes or re-traces the graph. Sampled tokens
+are copied to the host asynchronously (copy_to_host_async) as soon as the step is dispatched; log-probabilities
+only when a request in the step asked for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.engine import step as step_lib
+from jaxinfer.engine.batch import BuiltStep, StepBatch, buckets, pick_bucket
+from jaxinfer.engine.kv_pool import KVPool
+
+_JITTED: dict = {}  # (graphdef, options) -> jitted step; engines of one model share compiled programs
+
+
+def _jitted_step(graphdef, max_rows: int, attention_impl, prefix_impl, interpret: bool):
+  key = (graphdef, max_rows, attention_impl, prefix_impl, interpret)
+  fn = _JITTED.get(key)
+  if fn is None:
+    fn = jax.jit(functools.partial(step_lib.engine_step, graphdef, max_rows=max_rows, attention_impl=attention_impl,
+                                   prefix_impl=prefix_impl, interpret=interpret), donate_argnums=(1,))
+    _JITTED[key] = fn
+  return fn
+
+
+_update_table = jax.jit(step_lib.update_table)
+_copy_pages = jax.jit(step_lib.copy_pages, donate_argnums=(0,))
+
+
+@dataclasses.dataclass
+class InFlight:
+  """A dispatched step: what was asked and the device arrays that will hold the answers."""
+  built: BuiltStep
+  sampled: jax.Array
+  logprobs: jax.Array
+  want_logprobs: bool
+
+  def fetch(self) -> tuple[np.ndarray, np.ndarray | None]:
+    """Blocks until the step is done; (sampled tokens, log-probs or None if nobody asked)."""
+    return np.asarray(self.sampled), (np.asarray(self.logprobs) if self.want_logprobs else None)
+
+
+class ModelRunner:
+  def __init__(self, model, cfg, *, max_rows: int, pages_per_seq: int):
+    self.model_config = model.config
+    self.cfg = cfg
+    self.graphdef, self.state = nnx.split(model)
+    self.pool = KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_dtype,
+                              track_positions=cfg.track_slot_positions)
+    self.max_batch_size = cfg.max_batch_size
+    self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
+    self.max_rows = max_rows
+    self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
+    self._step = _jitted_step(self.graphdef, max_rows, cfg.attention_impl, cfg.shared_prefix_impl, cfg.interpret)
+    self.copy_buckets = buckets(1, cfg.max_batch_size)
+    self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
+    self.compile_seconds = 0.0
+    self._shapes_seen: set = set()
+
+  # ------------------------------------------------------------------ device-side bookkeeping
+  def apply_table_update(self, update) -> None:
+    if update is None:
+      return
+    n = pick_bucket(len(update.slots), self.update_buckets)
+    slots = np.full((n,), self.max_batch_size, np.int32)  # padding: out of the table, dropped
+    cols, pages = np.zeros((n,), np.int32), np.zeros((n,), np.int32)
+    k = len(update.slots)
+    slots[:k], cols[:k], pages[:k] = update.slots, update.cols, update.pages
+    self.table = _update_table(self.table, slots, cols, pages)
+
+  def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+    """Copy-on-write before the step: page src into page dst in every layer (one small jitted program)."""
+    n = pick_bucket(len(copies), self.copy_buckets)
+    src = np.zeros((n,), np.int32)
+    dst = np.full((n,), self.cfg.num_pages, np.int32)  # padding: out of the pool, dropped
+    src[:len(copies)], dst[:len(copies)] = zip(*copies)
+    self.pool = _copy_pages(self.pool, src, dst)
+
+  # ------------------------------------------------------------------ steps
+  def run_empty(self, shape, pages_per_seq: int) -> None:
+    """Compiles (and runs) the program of one step shape on a batch of padding: nothing is written."""
+    batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots)
+    sampled, _, self.pool = self._step(self.state, self.pool, self.table, self.prev_sampled, batch)
+    sampled.block_until_ready()
+
+  def maybe_compile_apart(self, shape, pages_per_seq: int) -> None:
+    """separate_compile: the first step of each shape is compiled in an empty step, timed apart."""
+    if shape in self._shapes_seen:
+      return
+    self._shapes_seen.add(shape)
+    if self.cfg.separate_compile:
+      start = time.perf_counter()
+      self.run_empty(shape, pages_per_seq)
+      self.compile_seconds += time.perf_counter() - start
+
+  def dispatch(self, built: BuiltStep, copies, want_logprobs: bool) -> InFlight:
+    if copies:
+      self.copy_pages(copies)
+    self.apply_table_update(built.table_update)
+    sampled, logprobs, self.pool = self._step(self.state, self.pool, self.table, self.prev_sampled, built.batch)
+    self.prev_sampled = sampled
+    sampled.copy_to_host_async()
+    if want_logprobs:
+      logprobs.copy_to_host_async()
+    return InFlight(built, sampled, logprobs, want_logprobs)
