@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 from typing import Sequence
 
 import jax
@@ -57,7 +58,6 @@ def validate_prompts(prompts, max_new_tokens: int, vocab_size: int, max_position
                        f"{len(prompt) + max_new_tokens} exceeds the model's max_position_embeddings {max_positions}")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_bucket"))
 def _generate_padded(graphdef, state, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seeds,
                      stop_ids, *, max_new_bucket: int):
   _compilations["count"] += 1  # runs at trace time only
@@ -96,6 +96,30 @@ def _generate_padded(graphdef, state, tokens, lengths, max_new_tokens, temperatu
   return out, steps
 
 
+_DECODE_FNS: dict = {}  # graphdef -> jitted decode loop closing over it (hashed once per graph, not per call)
+_SPLITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (graphdef, state, jitted)
+
+
+def _split(model):
+  """(graphdef, state, jitted decode loop) of a model, split on its first generate() call and kept.
+
+  Changing a model's parameters in place after that is not seen by generate(); call forget(model) first."""
+  entry = _SPLITS.get(model)
+  if entry is None:
+    graphdef, state = nnx.split(model)
+    fn = _DECODE_FNS.get(graphdef)
+    if fn is None:
+      fn = _DECODE_FNS[graphdef] = jax.jit(functools.partial(_generate_padded, graphdef),
+                                           static_argnames=("max_new_bucket",))
+    entry = _SPLITS[model] = (graphdef, state, fn)
+  return entry
+
+
+def forget(model) -> None:
+  """Drops generate()'s split of `model` (after its parameters were changed in place)."""
+  _SPLITS.pop(model, None)
+
+
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
   """Generates up to max_new_tokens for each prompt; a stop token ends its sequence and is included."""
@@ -114,9 +138,9 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
   stops = np.full((MAX_STOP_IDS,), -1, np.int32)
   stops[:len(stop_token_ids)] = list(stop_token_ids)
   row = lambda value, dtype: jnp.full((batch,), value, dtype)
-  graphdef, state = nnx.split(model)
-  out, steps = _generate_padded(
-      graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
+  _, state, decode = _split(model)
+  out, steps = decode(
+      state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
       row(sampling.temperature, jnp.float32), row(sampling.top_k, jnp.int32), row(sampling.top_p, jnp.float32),
       row(sampling.min_p, jnp.float32), row(sampling.seed, jnp.uint32) + jnp.arange(batch, dtype=jnp.uint32),
       jnp.asarray(stops), max_new_bucket=bucket(max_new_tokens))
