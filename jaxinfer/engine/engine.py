@@ -277,14 +277,8 @@ class Engine:
     inflight = self.runner.dispatch(built, schedule.copies, want_logprobs)
     dispatch_seconds = time.perf_counter() - dispatch_start  # device work handed over (compiles on a new shape)
     self.scheduler.release_copy_sources()
-    prev_rows = {}
-    for s, (row, k) in zip(seqs, built.sample_rows):
-      r = s.request
-      r.num_computed = s.start + s.num_tokens - s.num_draft  # as if the step had run: the next one follows it
-      if k:
-        r.num_inflight += 1
-        prev_rows[r.request_id] = row + k - 1
-    self._prev_rows = prev_rows
+    self.scheduler.dispatched(schedule)  # as if the step had run: the next schedule follows it
+    self._prev_rows = {s.request.request_id: row + k - 1 for s, (row, k) in zip(seqs, built.sample_rows) if k}
     self.stats["steps"] += 1
     self.stats["scheduled_tokens"] += built.num_tokens
     self.stats["padded_tokens"] += built.shape[0]

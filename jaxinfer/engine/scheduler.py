@@ -361,6 +361,20 @@ class Scheduler:
       return []
     return list(self.proposer.propose(request, room))[:room]
 
+  def dispatched(self, schedule: Schedule) -> None:
+    """The schedule's step was handed to the device: its tokens count as computed (the next schedule follows
+    it), and each sampling sequence has one token on the device until its results are processed."""
+    for s in schedule.seqs:
+      s.request.num_computed = s.start + s.num_tokens - s.num_draft
+      if s.samples:
+        s.request.num_inflight += 1
+
+  def preempt(self, request: Request) -> None:
+    """Preempts a running request now (its pages go back; it is recomputed when admitted again)."""
+    if request.status is not Status.RUNNING:
+      raise ValueError(f"preempt: request {request.request_id} is not running")
+    self._preempt(request)
+
   def _preempt(self, request: Request) -> None:
     self.running.remove(request)
     self._free_pages(request)
