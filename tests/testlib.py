@@ -1,7 +1,9 @@
 """Helpers shared across the test suite (importable as `testlib`: pyproject puts tests/ on pythonpath).
 
 - assert_close: max abs error <= tol * max(1, max |expected|), finiteness must agree (NaN-filled invisible
-  slots stay NaN in neither or both).
+  slots stay NaN in neither or both); close_error gives the numbers (benchmarks/device_check.py records them).
+- packed_segments, nan_outside, random_page_table: the kernel tests' random masks, poisoned caches and
+  page tables.
 - randn: reproducible standard-normal values without paying threefry's compile per shape.
 - tiny_model_config: the small random Llama shapes the engine, generation and sharding tests use.
 """
@@ -16,16 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def assert_close(actual, expected, tol, what):
+def close_error(actual, expected, what="value"):
+  """(max abs error over the finite expected entries, scale = max(1, max |expected|)) after the shape and
+  finiteness checks of assert_close (AssertionError if those fail)."""
   a = np.asarray(jnp.asarray(actual, jnp.float32))
   e = np.asarray(jnp.asarray(expected, jnp.float32))
   assert a.shape == e.shape, (what, a.shape, e.shape)
   assert np.all(np.isfinite(a) == np.isfinite(e)), f"{what}: finiteness differs"
   fin = np.isfinite(e)
   if not fin.any():
-    return
-  err = np.max(np.abs(a[fin] - e[fin]))
-  scale = max(1.0, float(np.max(np.abs(e[fin]))))
+    return 0.0, 1.0
+  return float(np.max(np.abs(a[fin] - e[fin]))), max(1.0, float(np.max(np.abs(e[fin]))))
+
+
+def assert_close(actual, expected, tol, what):
+  err, scale = close_error(actual, expected, what)
   assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
@@ -51,3 +58,47 @@ def tiny_model_config(**overrides):
                 max_position_embeddings=256, initializer_range=0.2)
   fields.update(overrides)
   return jaxinfer.ModelConfig(**fields)
+
+
+# ------------------------------------------------------------------------------------ kernel test helpers
+
+
+def packed_segments(rng: np.random.Generator, batch: int, length: int, n: int):
+  """int32 [batch, length] sorted packing segment ids with n - 1 random boundaries per row."""
+  cuts = np.sort(rng.integers(1, length, size=(batch, n - 1)), axis=-1)
+  return jnp.asarray((np.arange(length)[None, :, None] >= cuts[:, None, :]).sum(-1).astype(np.int32))
+
+
+def nan_outside(x, visible):
+  """x (numpy) with NaN wherever `visible` (broadcast over x's trailing dims) is False: a cache slot an
+  implementation must not read fails loudly if it does."""
+  vis = np.asarray(visible).reshape(np.shape(visible) + (1,) * (np.ndim(x) - np.ndim(visible)))
+  return np.where(vis, x, np.nan)
+
+
+def random_page_table(rng: np.random.Generator, num_pages: int, rows: int, pages_per_row: int):
+  """int32 [rows, pages_per_row] of distinct page ids drawn from range(num_pages) in random order."""
+  assert rows * pages_per_row <= num_pages, (rows, pages_per_row, num_pages)
+  return rng.permutation(num_pages)[:rows * pages_per_row].reshape(rows, pages_per_row).astype(np.int32)
+
+
+def slow_when(condition: bool, *values):
+  """A parametrize entry marked `slow` (pyproject's marker: `-m "not slow"` skips it) when condition holds."""
+  import pytest
+
+  return pytest.param(*values, marks=[pytest.mark.slow] if condition else [])
+
+
+def assert_forced_implementations(call, api, *, interpreted=None):
+  """An op's public function (`call(implementation)`) on CPU: a forced Pallas implementation raises a
+  RuntimeError naming it (no silent fallback), an unknown name a ValueError naming `implementation`;
+  available_implementations() is {reference, xla}, and with interpret=True `interpreted` (default: all)."""
+  import pytest
+
+  for impl in ("pallas_gpu", "pallas_tpu"):
+    with pytest.raises(RuntimeError, match=impl):
+      call(impl)
+  with pytest.raises(ValueError, match="implementation='nope'"):
+    call("nope")
+  assert set(api.available_implementations()) == {"reference", "xla"}
+  assert set(api.available_implementations(interpret=True)) == set(interpreted or api.IMPLEMENTATIONS)

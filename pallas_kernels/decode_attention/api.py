@@ -1,4 +1,5 @@
-"""Public entry point `decode_attention(..., implementation=None)` and its registry of implementations.
+"""Public entry point `decode_attention(..., implementation=None)`, its op table (pallas_kernels.op.Op) and its
+argument checks.
 
 Each implementation module exposes `decode_attention(q, k, v, kv_lens, **same keywords, interpret=...)` (plus
 its own block-size keywords, reachable by calling the module directly) and `unavailable_reason(interpret)`.
@@ -7,27 +8,41 @@ Adding an implementation is one line in `IMPLEMENTATIONS`.
 
 from __future__ import annotations
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels import validation as V
+from pallas_kernels.op import PALLAS_DEFAULTS, Op, implementation_table
 
 _PACKAGE = "pallas_kernels.decode_attention"
 
-# name -> module implementing it (imported on first use).
-IMPLEMENTATIONS: dict[str, str] = {
-    "reference": f"{_PACKAGE}.reference",
-    "xla": f"{_PACKAGE}.xla",
-    "pallas_gpu": f"{_PACKAGE}.gpu",
-    "pallas_tpu": f"{_PACKAGE}.tpu",
-}
+# name -> module implementing it (imported on first use): reference.py, xla.py, gpu.py, tpu.py.
+IMPLEMENTATIONS: dict[str, str] = implementation_table(_PACKAGE)
 
-# backend -> implementation picked by implementation=None.
-DEFAULT_FOR_BACKEND: dict[str, str] = {"gpu": "pallas_gpu", "tpu": "pallas_tpu", "cpu": "xla"}
+# backend -> implementations picked by implementation=None, in order of preference (first available wins).
+DEFAULT_FOR_BACKEND: dict[str, tuple[str, ...]] = dict(PALLAS_DEFAULTS)
 
-REGISTRY = C.Registry("decode_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
+OP = Op("decode_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
+
+
+def validate_decode(q, k, v, kv_lens, *, sm_scale, sliding_window, logits_soft_cap, num_splits):
+  """decode_attention's inputs. Raises ValueError naming the argument; shapes are static, so this works
+  under jit too (the values of kv_lens cannot be checked there: they are clipped to [0, max_kv_len])."""
+  V.check_array(q, "q", 3, "[batch, q_heads, head_dim]", floating=True)
+  V.check_array(k, "k", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=True)
+  V.check_array(v, "v", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=True)
+  V.check_qkv(q, k, v)
+  batch = q.shape[0]
+  if k.shape[0] != batch:
+    raise ValueError(f"k batch {k.shape[0]} does not match q batch {batch}")
+  if k.shape[1] == 0:
+    raise ValueError(f"k must hold at least one key slot, got shape {tuple(k.shape)}")
+  V.check_array(kv_lens, "kv_lens", 1, "[batch]", integer=True)
+  V.check_shape(kv_lens, "kv_lens", (batch,), "[batch]")
+  V.check_options(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+                  num_splits=num_splits)
 
 
 def available_implementations(interpret=False) -> list[str]:
   """Names of the implementations that can run on this machine (with the given interpret setting)."""
-  return REGISTRY.available(interpret)
+  return OP.available(interpret)
 
 
 def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, logits_soft_cap=None,
@@ -52,9 +67,8 @@ def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, lo
     [batch, q_heads, head_dim] in q's dtype (and lse). A row with no visible key (kv_len 0) gets zeros and
     lse -inf. Invisible cache slots may hold anything (even NaN): no implementation lets them through.
   """
-  C.validate_decode(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
-                    logits_soft_cap=logits_soft_cap, num_splits=num_splits)
-  module = REGISTRY.resolve(implementation, interpret)
-  return module.decode_attention(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
-                                 logits_soft_cap=logits_soft_cap, num_splits=num_splits, return_lse=return_lse,
-                                 interpret=interpret)
+  validate_decode(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+                  logits_soft_cap=logits_soft_cap, num_splits=num_splits)
+  fn = OP.function(implementation, interpret)
+  return fn(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
+            num_splits=num_splits, return_lse=return_lse, interpret=interpret)

@@ -5,8 +5,8 @@ DMA) and skip their compute; partials are merged by log-sum-exp (FlashDecoding).
 
 from __future__ import annotations
 
-from pallas_kernels.decode_attention import _common as C
-from pallas_kernels.decode_attention._pages import as_pages
+from pallas_kernels import decode_common as C
+from pallas_kernels.pages import as_pages
 from pallas_kernels.paged_attention import tpu as _paged
 
 NAME = _paged.NAME

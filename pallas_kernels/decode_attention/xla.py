@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import _common as C
-from pallas_kernels.decode_attention.reference import decode_mask
+from pallas_kernels import decode_common as C
+from pallas_kernels.decode_common import decode_mask
+from pallas_kernels.lse import merge_partials, normalize
+from pallas_kernels.op import always_available
 
 NAME = "xla"
 _KEYS_PER_SPLIT = 512  # default chunk length when num_splits is None
 
 
-def unavailable_reason(interpret) -> str | None:
-  del interpret
-  return None
+unavailable_reason = always_available
 
 
 def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, logits_soft_cap=None,
@@ -51,9 +51,7 @@ def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, lo
   p = jnp.exp(s - m_safe[..., None])
   l = jnp.sum(p, axis=-1)
   acc = jnp.einsum("bshgc,bschd->bshgd", p.astype(v.dtype), vx, preferred_element_type=jnp.float32)
-  empty = l == 0.0
-  o_part = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse_part = jnp.where(empty, -jnp.inf, m_safe + jnp.log(jnp.where(empty, 1.0, l)))
-  o, lse = C.merge_partials(o_part, lse_part, axis=1)  # [b, hkv, g, d], [b, hkv, g]
+  o_part, lse_part = normalize(acc, l, m_safe)
+  o, lse = merge_partials(o_part, lse_part, axis=1)  # [b, hkv, g, d], [b, hkv, g]
   o = o.reshape(b, hq, d).astype(q.dtype)
   return (o, lse.reshape(b, hq)) if return_lse else o

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import validation as V
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention.masks import default_positions, visible
 
@@ -42,67 +42,30 @@ def round_up(a: int, b: int) -> int:
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _check_int_array(x, name, shape):
-  if x is None:
-    return
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise ValueError(f"{name} must be an int32 array of shape {shape}, got {type(x).__name__}")
-  if tuple(x.shape) != tuple(shape):
-    raise ValueError(f"{name} must have shape {tuple(shape)} ([batch, length]), got {tuple(x.shape)}")
-  if not jnp.issubdtype(x.dtype, jnp.integer):
-    raise ValueError(f"{name} must be an integer (int32) array, got dtype {x.dtype}")
-
-
 def validate(q, k, v, *, causal, sm_scale, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
              sliding_window, logits_soft_cap):
   """Raises ValueError naming the offending argument. Shapes are static, so this also works under jit."""
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise ValueError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have rank 4 [batch, seq, heads, head_dim], got shape {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a floating-point array, got dtype {x.dtype}")
-  if k.dtype != q.dtype or v.dtype != q.dtype:
-    raise ValueError(f"q, k and v must share one dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    V.check_array(x, name, 4, "[batch, seq, heads, head_dim]", floating=True)
+  V.check_qkv(q, k, v)
   batch, q_len, q_heads, head_dim = q.shape
-  if tuple(v.shape) != tuple(k.shape):
-    raise ValueError(f"v must have the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
   if k.shape[0] != batch:
     raise ValueError(f"k batch {k.shape[0]} does not match q batch {batch}")
-  if k.shape[3] != head_dim:
-    raise ValueError(f"k head_dim {k.shape[3]} does not match q head_dim {head_dim}")
-  kv_len, kv_heads = k.shape[1], k.shape[2]
-  if kv_heads == 0 or q_heads % kv_heads:
-    raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads}) for GQA/MQA")
-  if q_len == 0 or kv_len == 0 or head_dim == 0:
+  kv_len = k.shape[1]
+  if q_len == 0 or kv_len == 0:
     raise ValueError(f"empty attention: q shape {tuple(q.shape)}, k shape {tuple(k.shape)}")
-  _check_int_array(q_positions, "q_positions", (batch, q_len))
-  _check_int_array(kv_positions, "kv_positions", (batch, kv_len))
+  V.check_int_array(q_positions, "q_positions", (batch, q_len), "([batch, length])")
+  V.check_int_array(kv_positions, "kv_positions", (batch, kv_len), "([batch, length])")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together (both or neither)")
-  _check_int_array(q_segment_ids, "q_segment_ids", (batch, q_len))
-  _check_int_array(kv_segment_ids, "kv_segment_ids", (batch, kv_len))
+  V.check_int_array(q_segment_ids, "q_segment_ids", (batch, q_len), "([batch, length])")
+  V.check_int_array(kv_segment_ids, "kv_segment_ids", (batch, kv_len), "([batch, length])")
   if not isinstance(causal, (bool, np.bool_)):
     raise ValueError(f"causal must be a Python bool, got {causal!r}")
-  if sliding_window is not None:
-    if not isinstance(sliding_window, numbers.Integral) or isinstance(sliding_window, bool) or sliding_window < 1:
-      raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
-  if logits_soft_cap is not None:
-    if not isinstance(logits_soft_cap, numbers.Real) or not logits_soft_cap > 0:
-      raise ValueError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
-  if sm_scale is not None and not isinstance(sm_scale, numbers.Real):
-    raise ValueError(f"sm_scale must be a Python float or None, got {sm_scale!r}")
+  V.check_options(sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
 
 
-def check_block(name: str, value, *, multiple_of: int = 1, power_of_two: bool = False, minimum: int = 1,
-                implementation: str):
-  if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
-    raise ValueError(f"{name}={value!r} for implementation={implementation!r}: must be an int >= {minimum}")
-  if power_of_two and value & (value - 1):
-    raise ValueError(f"{name}={value} for implementation={implementation!r}: must be a power of two")
-  if value % multiple_of:
-    raise ValueError(f"{name}={value} for implementation={implementation!r}: must be a multiple of {multiple_of}")
+check_block = V.check_block
 
 
 @dataclasses.dataclass

@@ -45,6 +45,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.flash_attention import _common as C
 from pallas_kernels.flash_attention import tiles
+from pallas_kernels.op import requires_backend
 
 NAME = "pallas_gpu"
 DEFAULT_BLOCK_Q = 128
@@ -56,13 +57,7 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-def unavailable_reason(interpret) -> str | None:
-  if interpret:
-    return None
-  if jax.default_backend() != "gpu":
-    return (f"implementation={NAME!r} needs a GPU backend (the default backend is {jax.default_backend()!r}); "
-            "pass interpret=True to run it in interpret mode on CPU")
-  return None
+unavailable_reason = requires_backend("gpu", NAME)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,23 +36,20 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.flash_attention import _common as C
 from pallas_kernels.flash_attention import tiles
+from pallas_kernels.mosaic import LANES, SUBLANES
+from pallas_kernels.mosaic import interpret_params as _interpret_params
+from pallas_kernels.mosaic import lanes_to as _lanes_to
+from pallas_kernels.mosaic import mxu_dot as _dot
+from pallas_kernels.op import requires_backend
 
 NAME = "pallas_tpu"
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 128
 DEFAULT_BLOCK_Q_BWD = 128
 DEFAULT_BLOCK_K_BWD = 128
-_LANES = 128
-_SUBLANES = 8
 
 
-def unavailable_reason(interpret) -> str | None:
-  if interpret:
-    return None
-  if jax.default_backend() != "tpu":
-    return (f"implementation={NAME!r} needs a TPU backend (the default backend is {jax.default_backend()!r}); "
-            "pass interpret=True to run it in TPU interpret mode on CPU")
-  return None
+unavailable_reason = requires_backend("tpu", NAME, interpret_mode="TPU interpret mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,21 +61,6 @@ class _Static:
   block_k_bwd: int
   group: int
   interpret: object  # False or a pltpu.InterpretParams (hashable frozen dataclass)
-
-
-def _lanes_to(x, n: int):
-  """[rows, 128] lane-replicated values -> [rows, n] (tiled by whole vregs, then trimmed)."""
-  reps = -(-n // _LANES)
-  if reps > 1:
-    x = jnp.tile(x, (1, reps))
-  return x if x.shape[1] == n else x[:, :n]
-
-
-def _dot(a, b, *, trans_b: bool = False):
-  """a @ b (or a @ b^T) on the MXU with float32 accumulation; float32 inputs at full precision."""
-  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def _unpack(refs, has_segments: bool, n_lead: int):
@@ -138,11 +120,11 @@ def _fwd_kernel(idx_ref, cnt_ref, *refs, st: _Static, nq: int, nk: int):
 
 
 def _col(x):
-  return None if x is None else jnp.broadcast_to(x[:, :, None], (*x.shape, _LANES))
+  return None if x is None else jnp.broadcast_to(x[:, :, None], (*x.shape, LANES))
 
 
 def _row(x):
-  return None if x is None else jnp.broadcast_to(x[:, None, :], (x.shape[0], _SUBLANES, x.shape[1]))
+  return None if x is None else jnp.broadcast_to(x[:, None, :], (x.shape[0], SUBLANES, x.shape[1]))
 
 
 def _tok_args(a_col, b_row, a_seg_col, b_seg_row, has_segments):
@@ -167,19 +149,19 @@ def _fwd(st: _Static, q, k, v, aux):
       pl.BlockSpec((None, None, bk, d), lambda bi, h, i, t, idx_ref, cnt_ref:
                    (bi, lax.div(h, g), kv_block(bi, i, t, idx_ref), 0)),
   ]
-  q_tok = pl.BlockSpec((None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
-  kv_tok = pl.BlockSpec((None, _SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:
+  q_tok = pl.BlockSpec((None, bq, LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
+  kv_tok = pl.BlockSpec((None, SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:
                         (bi, 0, kv_block(bi, i, t, idx_ref)))
   in_specs += [q_tok, kv_tok] + ([q_tok, kv_tok] if has_seg else [])
   out_specs = [pl.BlockSpec((None, None, bq, d), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0)),
-               pl.BlockSpec((None, None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))]
+               pl.BlockSpec((None, None, bq, LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))]
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2, grid=(b, hq, nq, nk), in_specs=in_specs, out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32), pltpu.VMEM((bq, _LANES), jnp.float32),
+          scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                           pltpu.VMEM((bq, d), jnp.float32)]),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lq, _LANES), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, hq, lq, LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=st.interpret,
       name="flash_attention_fwd",
@@ -265,8 +247,8 @@ def _bwd(st: _Static, q, k, v, aux, o, lse, do, dlse):
   qp, kp, qs, ks = aux["tokens"]
   has_seg = st.params.has_segments
   delta = C.backward_delta(o, do, dlse)  # [b, hq, Lq]
-  col = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, _LANES))
-  row = lambda x: jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], _SUBLANES, x.shape[2]))
+  col = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))
+  row = lambda x: jnp.broadcast_to(x[:, :, None, :], (*x.shape[:2], SUBLANES, x.shape[2]))
 
   # dq: grid (b, q_head, q_block, t over visible kv blocks).
   idx, cnt = aux["dq"]
@@ -274,9 +256,9 @@ def _bwd(st: _Static, q, k, v, aux, o, lse, do, dlse):
   q_blk = pl.BlockSpec((None, None, bq, d), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))
   kv_blk = pl.BlockSpec((None, None, bk, d), lambda bi, h, i, t, idx_ref, cnt_ref:
                         (bi, lax.div(h, g), kv_block(bi, i, t, idx_ref), 0))
-  q_lanes = pl.BlockSpec((None, None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))
-  q_tok = pl.BlockSpec((None, bq, _LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
-  kv_tok = pl.BlockSpec((None, _SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:
+  q_lanes = pl.BlockSpec((None, None, bq, LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, h, i, 0))
+  q_tok = pl.BlockSpec((None, bq, LANES), lambda bi, h, i, t, idx_ref, cnt_ref: (bi, i, 0))
+  kv_tok = pl.BlockSpec((None, SUBLANES, bk), lambda bi, h, i, t, idx_ref, cnt_ref:
                         (bi, 0, kv_block(bi, i, t, idx_ref)))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, nq=nq, nk=nk),
@@ -297,10 +279,10 @@ def _bwd(st: _Static, q, k, v, aux, o, lse, do, dlse):
   q_blk = pl.BlockSpec((None, None, bq, d), lambda bi, h, j, gi, t, idx_ref, cnt_ref:
                        (bi, h * g + gi, q_block(bi, j, t, idx_ref), 0))
   kv_blk = pl.BlockSpec((None, None, bk, d), lambda bi, h, j, gi, t, idx_ref, cnt_ref: (bi, h, j, 0))
-  q_sub = pl.BlockSpec((None, None, _SUBLANES, bq), lambda bi, h, j, gi, t, idx_ref, cnt_ref:
+  q_sub = pl.BlockSpec((None, None, SUBLANES, bq), lambda bi, h, j, gi, t, idx_ref, cnt_ref:
                        (bi, h * g + gi, 0, q_block(bi, j, t, idx_ref)))
-  kv_tok = pl.BlockSpec((None, bk, _LANES), lambda bi, h, j, gi, t, idx_ref, cnt_ref: (bi, j, 0))
-  q_tok = pl.BlockSpec((None, _SUBLANES, bq), lambda bi, h, j, gi, t, idx_ref, cnt_ref:
+  kv_tok = pl.BlockSpec((None, bk, LANES), lambda bi, h, j, gi, t, idx_ref, cnt_ref: (bi, j, 0))
+  q_tok = pl.BlockSpec((None, SUBLANES, bq), lambda bi, h, j, gi, t, idx_ref, cnt_ref:
                        (bi, 0, q_block(bi, j, t, idx_ref)))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk),
@@ -340,12 +322,6 @@ def _plan(length: int, block: int, block_bwd: int, align: int) -> tuple[int, int
   return n, min(block, n), min(block_bwd, n)
 
 
-def _interpret_params(interpret):
-  if interpret is True:
-    return pltpu.InterpretParams()
-  return interpret or False
-
-
 def flash_attention(q, k, v, *, causal=True, sm_scale=None, q_positions=None, kv_positions=None,
                     q_segment_ids=None, kv_segment_ids=None, sliding_window=None, logits_soft_cap=None,
                     return_lse=False, interpret=False, block_q: int = DEFAULT_BLOCK_Q,
@@ -357,14 +333,14 @@ def flash_attention(q, k, v, *, causal=True, sm_scale=None, q_positions=None, kv
                   kv_positions=kv_positions, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
                   sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
   interp = _interpret_params(interpret)
-  multiple = _SUBLANES if interp else _LANES
+  multiple = SUBLANES if interp else LANES
   for name, val in (("block_q", block_q), ("block_k", block_k), ("block_q_bwd", block_q_bwd),
                     ("block_k_bwd", block_k_bwd)):
     C.check_block(name, val, multiple_of=multiple, minimum=multiple, implementation=NAME)
   b, q_len, hq, d = q.shape
   kv_len, hkv = k.shape[1], k.shape[2]
-  q_pad, bq, bq_b = _plan(q_len, block_q, block_q_bwd, _SUBLANES)
-  kv_pad, bk, bk_b = _plan(kv_len, block_k, block_k_bwd, _SUBLANES)
+  q_pad, bq, bq_b = _plan(q_len, block_q, block_q_bwd, SUBLANES)
+  kv_pad, bk, bk_b = _plan(kv_len, block_k, block_k_bwd, SUBLANES)
   tok, params = C.pad_tokens(inp, q_pad, kv_pad)
 
   vis_f = C.visibility(inp, bq, bk, q_pad // bq, kv_pad // bk)

@@ -23,6 +23,8 @@ from jax import lax
 
 from pallas_kernels.flash_attention import _common as C
 from pallas_kernels.flash_attention import tiles
+from pallas_kernels.lse import normalize, online_step
+from pallas_kernels.op import always_available
 
 NAME = "xla"
 # Tile sizes when block_q/block_k are None. On CPU small tiles stay in cache and skip more masked area
@@ -32,9 +34,7 @@ DEFAULT_BLOCKS = {"cpu": (128, 128)}
 DEFAULT_BLOCKS_OTHER = (512, 512)
 
 
-def unavailable_reason(interpret) -> str | None:
-  del interpret
-  return None  # plain XLA runs on every backend
+unavailable_reason = always_available  # plain XLA runs on every backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,11 +82,7 @@ def _fwd(st: _Static, q, k, v, aux):
       mask = _mask(st, qpi, qsi, kp, ks, start)
       if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
-      m_new = jnp.maximum(m, s.max(-1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-      p = jnp.exp(s - m_safe[..., None])
-      corr = jnp.exp(m - m_safe)
-      l = corr * l + p.sum(-1)
+      m_new, l, p, corr = online_step(m, l, s)
       pv = jnp.einsum("bhmk,bhkd->bhmd", p.reshape(b, h, gm, bk).astype(v.dtype), vt,
                       preferred_element_type=jnp.float32)
       acc = corr.reshape(b, h, gm)[..., None] * acc + pv
@@ -95,10 +91,8 @@ def _fwd(st: _Static, q, k, v, aux):
     init = (jnp.full((b, h, g, bq), -jnp.inf, jnp.float32), jnp.zeros((b, h, g, bq), jnp.float32),
             jnp.zeros((b, h, gm, d), jnp.float32))
     m, l, acc = lax.fori_loop(0, cnt_i, body, init)
-    empty = l == 0.0
-    o = acc / jnp.where(empty, 1.0, l).reshape(b, h, gm)[..., None]
-    lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-    return o.astype(q.dtype), lse
+    o, lse = normalize(acc, l.reshape(b, h, gm), m.reshape(b, h, gm))
+    return o.astype(q.dtype), lse.reshape(b, h, g, bq)
 
   return lax.map(q_block, (q, qp, qs, idx, cnt))  # qs may be None (an empty pytree)
 

@@ -22,7 +22,7 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels import decode_common as C
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -190,3 +190,34 @@ def gather_tokens(o_items, lse_items, plan: Plan):
   o = jnp.where(valid[:, None, None], o, 0.0)
   lse = jnp.where(valid[:, None], lse, -jnp.inf)
   return o, lse
+
+
+# ------------------------------------------------------------------------------------ the two entry shapes
+
+
+def run_decode(attend, q, k_pages, page_table, kv_lens, params: C.ScoreParams, *, splits, return_lse: bool):
+  """paged_attention around one implementation's `attend(q_items, plan) -> (o, lse)` per item: the decode plan
+  (one item of one row per sequence) with `splits(max_pages)` split-K ranges (capped at max_pages)."""
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  max_pages = max_pages_needed(pps, ps, 1, params.sliding_window)
+  plan = decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps,
+                     num_splits=min(splits(max_pages), max_pages), sliding_window=params.sliding_window)
+  o, lse = attend(q[:, None], plan)
+  o = o[:, 0].astype(q.dtype)
+  return (o, lse[:, 0]) if return_lse else o
+
+
+def run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params: C.ScoreParams, *,
+               block_q: int, num_splits, return_lse: bool):
+  """ragged_paged_attention around one implementation's `attend(q_items, plan)`: the ragged plan (items of up
+  to block_q rows, num_splits split-K ranges, None: 1), then the item rows back in token order."""
+  T = q.shape[0]
+  ps, pps = k_pages.shape[1], page_table.shape[1]
+  bq = min(block_q, T)
+  max_pages = max_pages_needed(pps, ps, bq, params.sliding_window)
+  plan = ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
+                     pages_per_seq=pps, block_q=bq, num_splits=min(num_splits or 1, max_pages),
+                     sliding_window=params.sliding_window)
+  o, lse = gather_tokens(*attend(q[plan.q_token], plan), plan)
+  o = o.astype(q.dtype)
+  return (o, lse) if return_lse else o

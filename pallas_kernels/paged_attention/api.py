@@ -1,4 +1,5 @@
-"""Public entry points `paged_attention` and `ragged_paged_attention` (implementation=...) and their registry.
+"""Public entry points `paged_attention` and `ragged_paged_attention` (implementation=...) and their op table
+(pallas_kernels.op.Op, one table for both entries).
 
 Each implementation module exposes both functions (same keywords plus its own block-size keywords, reachable
 by calling the module directly) and `unavailable_reason(interpret)`. Adding one is a line in IMPLEMENTATIONS.
@@ -6,28 +7,24 @@ by calling the module directly) and `unavailable_reason(interpret)`. Adding one 
 
 from __future__ import annotations
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels.op import PALLAS_DEFAULTS, Op, implementation_table
 from pallas_kernels.paged_attention import _common as P
 
 _PACKAGE = "pallas_kernels.paged_attention"
 
-# name -> module implementing both ops (imported on first use).
-IMPLEMENTATIONS: dict[str, str] = {
-    "reference": f"{_PACKAGE}.reference",
-    "xla": f"{_PACKAGE}.xla",
-    "pallas_gpu": f"{_PACKAGE}.gpu",
-    "pallas_tpu": f"{_PACKAGE}.tpu",
-}
+# name -> module implementing both entries (imported on first use): reference.py, xla.py, gpu.py, tpu.py.
+IMPLEMENTATIONS: dict[str, str] = implementation_table(_PACKAGE)
 
-# backend -> implementation picked by implementation=None.
-DEFAULT_FOR_BACKEND: dict[str, str] = {"gpu": "pallas_gpu", "tpu": "pallas_tpu", "cpu": "xla"}
+# backend -> implementations picked by implementation=None, in order of preference (first available wins).
+DEFAULT_FOR_BACKEND: dict[str, tuple[str, ...]] = dict(PALLAS_DEFAULTS)
 
-REGISTRY = C.Registry("paged_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
+OP = Op("paged_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND,
+        entries=("paged_attention", "ragged_paged_attention"))
 
 
 def available_implementations(interpret=False) -> list[str]:
   """Names of the implementations that can run on this machine (with the given interpret setting)."""
-  return REGISTRY.available(interpret)
+  return OP.available(interpret)
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
@@ -52,10 +49,9 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
   """
   P.validate_paged(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
                    logits_soft_cap=logits_soft_cap, num_splits=num_splits)
-  module = REGISTRY.resolve(implementation, interpret)
-  return module.paged_attention(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale,
-                                sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-                                num_splits=num_splits, interpret=interpret)
+  fn = OP.function(implementation, interpret)
+  return fn(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
@@ -85,8 +81,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
   """
   P.validate_ragged(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
                     sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
-  module = REGISTRY.resolve(implementation, interpret)
-  return module.ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs,
-                                       sm_scale=sm_scale, sliding_window=sliding_window,
-                                       logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-                                       interpret=interpret)
+  fn = OP.function(implementation, interpret, entry="ragged_paged_attention")
+  return fn(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
+            sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
+            interpret=interpret)

@@ -33,7 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels import decode_common as C
+from pallas_kernels.lse import merge_partials
+from pallas_kernels.op import requires_backend
 from pallas_kernels.paged_attention import _common as P
 
 NAME = "pallas_gpu"
@@ -44,8 +46,7 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 
 
-def unavailable_reason(interpret) -> str | None:
-  return C.unavailable_on("gpu", NAME, interpret)
+unavailable_reason = requires_backend("gpu", NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
       interpret=st.interpret,
       name="paged_attention",
   )(meta, item_pages, qx, k_pages, v_pages)
-  o, lse = C.merge_partials(o, lse, axis=1)  # [I, hkv, rows, d], [I, hkv, rows]
+  o, lse = merge_partials(o, lse, axis=1)  # [I, hkv, rows, d], [I, hkv, rows]
   o = o[:, :, :g * bq].reshape(num_items, hkv, g, bq, d).transpose(0, 3, 1, 2, 4).reshape(num_items, bq, hq, d)
   lse = lse[:, :, :g * bq].reshape(num_items, hkv, g, bq).transpose(0, 3, 1, 2).reshape(num_items, bq, hq)
   return o, lse
@@ -175,18 +176,11 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
   _check_blocks(block_k)
   check_head_dim(q.shape[-1])
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  batch, hkv = q.shape[0], k_pages.shape[2]
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
-  blocks = C.cdiv(max_pages * ps, block_k)
-  S = num_splits or C.default_num_splits(batch * hkv, blocks)
-  S = min(S, max_pages)
-  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
-                       sliding_window=params.sliding_window)
-  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, block_k=block_k,
-                       num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-  o = o[:, 0].astype(q.dtype)
-  return (o, lse[:, 0]) if return_lse else o
+  parallel, ps = q.shape[0] * k_pages.shape[2], k_pages.shape[1]
+  splits = lambda max_pages: num_splits or C.default_num_splits(parallel, C.cdiv(max_pages * ps, block_k))
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, block_k=block_k,
+                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  return P.run_decode(attend, q, k_pages, page_table, kv_lens, params, splits=splits, return_lse=return_lse)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
@@ -201,15 +195,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     C.check_block("num_splits", num_splits, implementation=NAME)
   check_head_dim(q.shape[-1])
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  T = q.shape[0]
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  bq = min(block_q, T)
-  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
-  S = min(num_splits or 1, max_pages)
-  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
-                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
-  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params, block_k=block_k,
-                                   num_warps=num_warps, num_stages=num_stages, interpret=interpret)
-  o, lse = P.gather_tokens(o_items, lse_items, plan)
-  o = o.astype(q.dtype)
-  return (o, lse) if return_lse else o
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, block_k=block_k,
+                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+  return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
+                      num_splits=num_splits, return_lse=return_lse)

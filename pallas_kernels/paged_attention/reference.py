@@ -1,29 +1,20 @@
 """Plain-jnp paged attention in float32: gather each sequence's pages into a contiguous cache, mask, and run
-the dense core of decode_attention's reference. Obviously correct, memory-hungry (one contiguous copy of a
+the dense core decode_common.masked_attention. Obviously correct, memory-hungry (one contiguous copy of a
 sequence's whole cache per query token for the ragged op): for tests only."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention import _common as C
-from pallas_kernels.decode_attention.reference import decode_mask, masked_attention
+from pallas_kernels import decode_common as C
+from pallas_kernels.decode_common import decode_mask, masked_attention
+from pallas_kernels.op import always_available
+from pallas_kernels.pages import gather_pages
 
 NAME = "reference"
 
 
-def unavailable_reason(interpret) -> str | None:
-  del interpret
-  return None
-
-
-def gather_pages(pages, page_table):
-  """pages [P, page_size, kv_heads, d], page_table [n, pages_per_seq] -> contiguous [n, pages_per_seq *
-  page_size, kv_heads, d] (out-of-range page ids are clamped; they only ever feed masked slots)."""
-  num_pages, page_size, hkv, d = pages.shape
-  n, pps = page_table.shape
-  idx = jnp.clip(C.int32(page_table), 0, num_pages - 1)
-  return pages[idx].reshape(n, pps * page_size, hkv, d)
+unavailable_reason = always_available
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,

@@ -40,18 +40,21 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels import decode_common as C
+from pallas_kernels.lse import merge_partials
+from pallas_kernels.mosaic import LANES, SUBLANES
+from pallas_kernels.mosaic import interpret_params as _interpret_params
+from pallas_kernels.mosaic import lanes_to as _lanes_to
+from pallas_kernels.mosaic import mxu_dot as _dot
+from pallas_kernels.op import requires_backend
 from pallas_kernels.paged_attention import _common as P
 
 NAME = "pallas_tpu"
 DEFAULT_BLOCK_Q = 8
 DEFAULT_KEYS_PER_STEP = 256  # pages_per_block=None: about this many keys per grid step
-_LANES = 128
-_SUBLANES = 8
 
 
-def unavailable_reason(interpret) -> str | None:
-  return C.unavailable_on("tpu", NAME, interpret)
+unavailable_reason = requires_backend("tpu", NAME, interpret_mode="TPU interpret mode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +65,6 @@ class _Static:
   num_splits: int
   pages_per_block: int
   interpret: object  # False or a pltpu.InterpretParams
-
-
-def _interpret_params(interpret):
-  if interpret is True:
-    return pltpu.InterpretParams()
-  return interpret or False
-
-
-def _lanes_to(x, n: int):
-  """[rows, 128] lane-replicated values -> [rows, n]."""
-  reps = -(-n // _LANES)
-  if reps > 1:
-    x = jnp.tile(x, (1, reps))
-  return x if x.shape[1] == n else x[:, :n]
-
-
-def _dot(a, b, *, trans_b: bool = False):
-  dims = (((1,), (1 if trans_b else 0,)), ((), ()))
-  prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-  return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
 def _kernel(pages_ref, meta_ref, split_ref, row_tok_ref, row_kvh_ref, col_tok_ref, col_kvh_ref, key_tok_ref,
@@ -149,8 +132,8 @@ def _patterns(bq: int, g: int, ps: int, hkv: int):
   rows, cols = bq * g * hkv, ps * hkv
   r = jnp.arange(rows, dtype=jnp.int32)
   c = jnp.arange(cols, dtype=jnp.int32)
-  lanes = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], _LANES))
-  subl = lambda x: jnp.broadcast_to(x[None, :], (_SUBLANES, x.shape[0]))
+  lanes = lambda x: jnp.broadcast_to(x[:, None], (x.shape[0], LANES))
+  subl = lambda x: jnp.broadcast_to(x[None, :], (SUBLANES, x.shape[0]))
   return lanes(r % bq), lanes(r // (bq * g)), subl(c // hkv), subl(c % hkv), lanes(c // hkv)
 
 
@@ -187,25 +170,25 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
 
   const = lambda shape: pl.BlockSpec(shape, lambda i, s, t, *_: (0, 0))
   in_specs = [
-      const((bq * hq, _LANES)), const((bq * hq, _LANES)), const((_SUBLANES, cols)), const((_SUBLANES, cols)),
-      const((cols, _LANES)),
+      const((bq * hq, LANES)), const((bq * hq, LANES)), const((SUBLANES, cols)), const((SUBLANES, cols)),
+      const((cols, LANES)),
       pl.BlockSpec((None, rows, d), lambda i, s, t, *_: (i, 0, 0)),
   ] + page_specs + page_specs
   out_specs = [pl.BlockSpec((None, None, rows, d), lambda i, s, t, *_: (i, s, 0, 0)),
-               pl.BlockSpec((None, None, rows, _LANES), lambda i, s, t, *_: (i, s, 0, 0))]
+               pl.BlockSpec((None, None, rows, LANES), lambda i, s, t, *_: (i, s, 0, 0))]
   o, lse = pl.pallas_call(
       functools.partial(_kernel, st=st),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=3, grid=(num_items, S, steps), in_specs=in_specs, out_specs=out_specs,
-          scratch_shapes=[pltpu.VMEM((rows, _LANES), jnp.float32), pltpu.VMEM((rows, _LANES), jnp.float32),
+          scratch_shapes=[pltpu.VMEM((rows, LANES), jnp.float32), pltpu.VMEM((rows, LANES), jnp.float32),
                           pltpu.VMEM((rows, d), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct((num_items, S, rows, d), jnp.float32),
-                 jax.ShapeDtypeStruct((num_items, S, rows, _LANES), jnp.float32)],
+                 jax.ShapeDtypeStruct((num_items, S, rows, LANES), jnp.float32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=st.interpret,
       name="paged_attention",
   )(item_pages, meta, split, *_patterns(bq, g, ps, hkv), qx, *[kx] * ppb, *[vx] * ppb)
-  o, lse = C.merge_partials(o, lse[..., 0], axis=1)  # [I, rows, d], [I, rows]
+  o, lse = merge_partials(o, lse[..., 0], axis=1)  # [I, rows, d], [I, rows]
   o = o.reshape(num_items, hq, bq, d).transpose(0, 2, 1, 3)
   lse = lse.reshape(num_items, hq, bq).transpose(0, 2, 1)
   return o, lse
@@ -220,15 +203,10 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
   if pages_per_block is not None:
     C.check_block("pages_per_block", pages_per_block, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
-  S = min(num_splits or (2 if q.shape[0] < 8 else 1), max_pages)
-  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
-                       sliding_window=params.sliding_window)
-  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, interpret=interpret,
-                       pages_per_block=pages_per_block)
-  o = o[:, 0].astype(q.dtype)
-  return (o, lse[:, 0]) if return_lse else o
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params,
+                                             interpret=interpret, pages_per_block=pages_per_block)
+  return P.run_decode(attend, q, k_pages, page_table, kv_lens, params,
+                      splits=lambda _: num_splits or (2 if q.shape[0] < 8 else 1), return_lse=return_lse)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
@@ -243,15 +221,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
   if num_splits is not None:
     C.check_block("num_splits", num_splits, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  T = q.shape[0]
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  bq = min(block_q, T)
-  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
-  S = min(num_splits or 1, max_pages)
-  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
-                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
-  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params,
-                                   interpret=interpret, pages_per_block=pages_per_block)
-  o, lse = P.gather_tokens(o_items, lse_items, plan)
-  o = o.astype(q.dtype)
-  return (o, lse) if return_lse else o
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params,
+                                             interpret=interpret, pages_per_block=pages_per_block)
+  return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
+                      num_splits=num_splits, return_lse=return_lse)

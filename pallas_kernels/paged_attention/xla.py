@@ -15,7 +15,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.decode_attention import _common as C
+from pallas_kernels import decode_common as C
+from pallas_kernels.lse import merge_partials, normalize, online_step
+from pallas_kernels.op import always_available
 from pallas_kernels.paged_attention import _common as P
 
 NAME = "xla"
@@ -24,9 +26,7 @@ DEFAULT_BLOCK_Q = 8
 _MAX_ITERATIONS = 8  # num_splits=None: split until the sequential loop has about this many iterations
 
 
-def unavailable_reason(interpret) -> str | None:
-  del interpret
-  return None
+unavailable_reason = always_available
 
 
 def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, pages_per_chunk: int):
@@ -60,11 +60,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
     s = jnp.einsum("iqhgd,ischd->isqhgc", qx, kt, preferred_element_type=jnp.float32) * params.sm_scale
     s, _ = C.soft_cap(s, params)
     s = jnp.where(vis[:, :, :, None, None, :], s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    corr = jnp.exp(m - m_safe)
-    l = corr * l + p.sum(-1)
+    m_new, l, p, corr = online_step(m, l, s)
     pv = jnp.einsum("isqhgc,ischd->isqhgd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
     acc = corr[..., None] * acc + pv
     return m_new, l, acc
@@ -74,10 +70,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
           jnp.zeros(shape + (d,), jnp.float32))
   n_iter = (jnp.max(plan.split_pages) + ppc - 1) // ppc
   m, l, acc = lax.fori_loop(0, n_iter, body, init)
-  empty = l == 0.0
-  o = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
-  o, lse = C.merge_partials(o, lse, axis=1)  # [I, bq, hkv, g, d], [I, bq, hkv, g]
+  o, lse = merge_partials(*normalize(acc, l, m), axis=1)  # [I, bq, hkv, g, d], [I, bq, hkv, g]
   return o.reshape(num_items, bq, hq, d), lse.reshape(num_items, bq, hq)
 
 
@@ -97,15 +90,10 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
   del interpret
   C.check_block("keys_per_chunk", keys_per_chunk, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  ppc = _pages_per_chunk(ps, keys_per_chunk)
-  max_pages = P.max_pages_needed(pps, ps, 1, params.sliding_window)
-  S = min(num_splits or _default_splits(max_pages, ppc), max_pages)
-  plan = P.decode_plan(kv_lens, capacity=pps * ps, page_size=ps, pages_per_seq=pps, num_splits=S,
-                       sliding_window=params.sliding_window)
-  o, lse = attend_plan(q[:, None], k_pages, v_pages, page_table, plan, params, ppc)
-  o = o[:, 0].astype(q.dtype)
-  return (o, lse[:, 0]) if return_lse else o
+  ppc = _pages_per_chunk(k_pages.shape[1], keys_per_chunk)
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc)
+  return P.run_decode(attend, q, k_pages, page_table, kv_lens, params,
+                      splits=lambda max_pages: num_splits or _default_splits(max_pages, ppc), return_lse=return_lse)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
@@ -121,15 +109,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
   if num_splits is not None:
     C.check_block("num_splits", num_splits, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
-  T = q.shape[0]
-  ps, pps = k_pages.shape[1], page_table.shape[1]
-  bq = min(block_q, T)
-  max_pages = P.max_pages_needed(pps, ps, bq, params.sliding_window)
-  S = min(num_splits or 1, max_pages)
-  plan = P.ragged_plan(kv_lens, cu_q_lens, num_seqs, max_tokens=T, capacity=pps * ps, page_size=ps,
-                       pages_per_seq=pps, block_q=bq, num_splits=S, sliding_window=params.sliding_window)
-  o_items, lse_items = attend_plan(q[plan.q_token], k_pages, v_pages, page_table, plan, params,
-                                   _pages_per_chunk(ps, keys_per_chunk))
-  o, lse = P.gather_tokens(o_items, lse_items, plan)
-  o = o.astype(q.dtype)
-  return (o, lse) if return_lse else o
+  ppc = _pages_per_chunk(k_pages.shape[1], keys_per_chunk)
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc)
+  return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
+                      num_splits=num_splits, return_lse=return_lse)

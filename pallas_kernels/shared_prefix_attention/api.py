@@ -2,20 +2,32 @@
 
 from __future__ import annotations
 
-import importlib
-
 import jax.numpy as jnp
 
+from pallas_kernels import validation as V
+from pallas_kernels.op import Op
+
 _PACKAGE = "pallas_kernels.shared_prefix_attention"
-IMPLEMENTATIONS = {
-    "reference": (f"{_PACKAGE}.reference", "shared_prefix_attention_reference"),
-    "xla": (f"{_PACKAGE}.xla", "shared_prefix_attention"),
+
+# name -> module implementing both entries (imported on first use). There is no Pallas kernel: Hydragen's gain
+# is the batched prefix matmul, which XLA already emits.
+IMPLEMENTATIONS: dict[str, str] = {
+    "reference": f"{_PACKAGE}.reference",
+    "xla": f"{_PACKAGE}.xla",
 }
-# the paged, grouped prefix part (what the engine calls): name -> (module, function)
-PAGED_IMPLEMENTATIONS = {
-    "reference": (f"{_PACKAGE}.reference", "paged_prefix_attention_reference"),
-    "xla": (f"{_PACKAGE}.xla", "paged_prefix_attention"),
-}
+# the paged, grouped prefix part (what the engine calls) has the same implementations
+PAGED_IMPLEMENTATIONS = IMPLEMENTATIONS
+
+# backend -> implementation picked by implementation=None: "xla", the faster one on every backend measured.
+DEFAULT_FOR_BACKEND: dict[str, tuple[str, ...]] = {"gpu": ("xla",), "tpu": ("xla",), "cpu": ("xla",)}
+
+OP = Op("shared_prefix_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND,
+        entries=("shared_prefix_attention", "paged_prefix_attention"))
+
+
+def available_implementations(interpret=False) -> list[str]:
+  """Names of the implementations that can run on this machine."""
+  return OP.available(interpret)
 
 
 def _validate(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens):
@@ -51,15 +63,13 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_le
   every row; suffix_k/v [batch, max_suffix, kv_heads, d], each row's own tokens after the prefix, of which
   the first suffix_lens[b] are valid (the newest token included). Equals attention of each row over its
   prefix + suffix. Returns [batch, q_heads, d] in q's dtype (and the float32 lse [batch, q_heads]).
-  implementation: "reference" or "xla" (None: "xla", the faster one on every backend measured so far).
+  implementation: "reference" or "xla" (None: "xla", the faster one on every backend measured so far;
+  the choice is logged once).
   """
   _validate(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens)
-  name = "xla" if implementation is None else implementation
-  if name not in IMPLEMENTATIONS:
-    raise ValueError(f"implementation={name!r} is not one of {sorted(IMPLEMENTATIONS)}")
-  module, fn = IMPLEMENTATIONS[name]
-  return getattr(importlib.import_module(module), fn)(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens,
-                                                      sm_scale=sm_scale, return_lse=return_lse)
+  V.check_options(sm_scale=sm_scale)
+  fn = OP.function(implementation)
+  return fn(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens, sm_scale=sm_scale, return_lse=return_lse)
 
 
 def _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions, sliding_window):
@@ -83,9 +93,8 @@ def _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_posit
   if prefix_lens.shape != (groups,) or not jnp.issubdtype(prefix_lens.dtype, jnp.integer):
     raise ValueError(f"prefix_lens must be an integer array of shape ({groups},), got {prefix_lens.dtype} "
                      f"{prefix_lens.shape}")
+  V.check_positive_int("sliding_window", sliding_window)
   if sliding_window is not None:
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
-      raise ValueError(f"sliding_window must be a positive int or None, got {sliding_window!r}")
     if q_positions is None or q_positions.shape != (groups, rows):
       raise ValueError(f"sliding_window needs q_positions of shape ({groups}, {rows}), got "
                        f"{None if q_positions is None else q_positions.shape}")
@@ -107,10 +116,7 @@ def paged_prefix_attention(q, k_pages, v_pages, prefix_page_table, prefix_lens, 
   implementation: "reference" or "xla" (None: "xla").
   """
   _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions, sliding_window)
-  name = "xla" if implementation is None else implementation
-  if name not in PAGED_IMPLEMENTATIONS:
-    raise ValueError(f"implementation={name!r} is not one of {sorted(PAGED_IMPLEMENTATIONS)}")
-  module, fn = PAGED_IMPLEMENTATIONS[name]
-  return getattr(importlib.import_module(module), fn)(q, k_pages, v_pages, prefix_page_table, prefix_lens,
-                                                      q_positions=q_positions, sliding_window=sliding_window,
-                                                      sm_scale=sm_scale)
+  V.check_options(sm_scale=sm_scale)
+  fn = OP.function(implementation, entry="paged_prefix_attention")
+  return fn(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions=q_positions,
+            sliding_window=sliding_window, sm_scale=sm_scale)

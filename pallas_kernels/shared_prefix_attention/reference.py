@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from pallas_kernels import decode_common as C
 from pallas_kernels.flash_attention.reference import attention_reference
+from pallas_kernels.op import always_available
+from pallas_kernels.pages import gather_pages
+
+unavailable_reason = always_available
 
 
 def shared_prefix_attention_reference(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens, *, sm_scale=None,
@@ -31,10 +36,6 @@ def shared_prefix_attention_reference(q, prefix_k, prefix_v, suffix_k, suffix_v,
 def paged_prefix_attention_reference(q, k_pages, v_pages, prefix_page_table, prefix_lens, *, q_positions=None,
                                      sliding_window=None, sm_scale=None):
   """Each group's queries against its whole prefix, gathered to a contiguous copy and masked densely."""
-  from pallas_kernels.decode_attention import _common as C
-  from pallas_kernels.decode_attention.reference import masked_attention
-  from pallas_kernels.paged_attention.reference import gather_pages
-
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, None)
   k = gather_pages(k_pages, prefix_page_table)  # [G, max_pages * page_size, kv_heads, d]
   v = gather_pages(v_pages, prefix_page_table)
@@ -44,4 +45,9 @@ def paged_prefix_attention_reference(q, k_pages, v_pages, prefix_page_table, pre
   mask = jnp.broadcast_to(mask, (groups, rows, k.shape[1]))
   if params.sliding_window is not None:
     mask = mask & (q_positions[:, :, None] - j[None, None, :] < params.sliding_window)
-  return masked_attention(q, k, v, mask, params)
+  return C.masked_attention(q, k, v, mask, params)
+
+
+# the op's entry names (pallas_kernels.shared_prefix_attention.api.OP)
+shared_prefix_attention = shared_prefix_attention_reference
+paged_prefix_attention = paged_prefix_attention_reference

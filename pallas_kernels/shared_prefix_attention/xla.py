@@ -11,7 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.shared_prefix_attention.merge import merge_partials
+from pallas_kernels.lse import merge_pair, normalize, online_step
+from pallas_kernels.op import always_available
+
+unavailable_reason = always_available
 
 
 def _softmax_parts(scores, values_fn):
@@ -19,11 +22,7 @@ def _softmax_parts(scores, values_fn):
   m = jnp.max(scores, axis=-1, keepdims=True)
   m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
   p = jnp.exp(scores - m_safe)
-  denom = jnp.sum(p, axis=-1)
-  empty = denom == 0
-  out = values_fn(p) / jnp.where(empty, 1.0, denom)[..., None]
-  lse = jnp.where(empty, -jnp.inf, jnp.log(jnp.where(empty, 1.0, denom)) + m_safe[..., 0])
-  return out, lse
+  return normalize(values_fn(p), jnp.sum(p, axis=-1), m_safe[..., 0])
 
 
 def prefix_part(q, prefix_k, prefix_v, scale):
@@ -57,7 +56,7 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_le
   scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
   out_p, lse_p = prefix_part(q, prefix_k, prefix_v, scale)
   out_s, lse_s = suffix_part(q, suffix_k, suffix_v, suffix_lens, scale)
-  out, lse = merge_partials(out_p, lse_p, out_s, lse_s)
+  out, lse = merge_pair(out_p, lse_p, out_s, lse_s)
   out = out.astype(q.dtype)
   return (out, lse) if return_lse else out
 
@@ -110,11 +109,7 @@ def paged_prefix_attention(q, k_pages, v_pages, prefix_page_table, prefix_lens, 
     if sliding_window is not None:
       vis = vis & (qpos[..., None] - kpos[None, None, None, :] < sliding_window)
     s = jnp.where(vis, s, -jnp.inf)
-    m_new = jnp.maximum(m, s.max(-1))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])
-    corr = jnp.exp(m - m_safe)
-    l = corr * l + p.sum(-1)
+    m_new, l, p, corr = online_step(m, l, s)
     pv = jnp.einsum("ghnc,gchd->ghnd", p.astype(vt.dtype), vt, preferred_element_type=jnp.float32)
     return m_new, l, corr[..., None] * acc + pv
 
@@ -123,9 +118,7 @@ def paged_prefix_attention(q, k_pages, v_pages, prefix_page_table, prefix_lens, 
           jnp.zeros(shape + (d,), jnp.float32))
   n_iter = (jnp.max(lens) + ppc * ps - 1) // (ppc * ps)
   m, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
-  empty = l == 0.0
-  out = acc / jnp.where(empty, 1.0, l)[..., None]
-  lse = jnp.where(empty, -jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  out, lse = normalize(acc, l, m)
   out = out.reshape(groups, hkv, rows, g, d).transpose(0, 2, 1, 3, 4).reshape(groups, rows, hq, d)
   lse = lse.reshape(groups, hkv, rows, g).transpose(0, 2, 1, 3).reshape(groups, rows, hq)
   return out, lse

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels.decode_attention import _common as C
 from pallas_kernels.decode_attention import api, gpu, reference, tpu, xla
+from testlib import assert_close, assert_forced_implementations, nan_outside
 
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 1e-4)}
 
@@ -37,19 +37,6 @@ IMPLS = {
     "pallas_gpu": functools.partial(gpu.decode_attention, interpret=True, block_k=16, split_granule=8),
     "pallas_tpu": functools.partial(tpu.decode_attention, interpret=True, block_k=8),
 }
-
-
-def assert_close(actual, expected, tol, what):
-  a = np.asarray(jnp.asarray(actual, jnp.float32))
-  e = np.asarray(jnp.asarray(expected, jnp.float32))
-  assert a.shape == e.shape, (what, a.shape, e.shape)
-  assert np.all(np.isfinite(a) == np.isfinite(e)), f"{what}: finiteness differs"
-  fin = np.isfinite(e)
-  if not fin.any():
-    return
-  err = np.max(np.abs(a[fin] - e[fin]))
-  scale = max(1.0, float(np.max(np.abs(e[fin]))))
-  assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,8 +78,7 @@ def make_inputs(case: Case, seed: int = 0):
   if case.window is not None:
     vis &= kv_lens[:, None] - 1 - j < case.window
   cast = lambda x: jnp.asarray(x).astype(case.dtype)
-  nan = lambda x: np.where(vis[:, :, None, None], x, np.nan)
-  return (cast(q), cast(nan(k)), cast(nan(v)), jnp.asarray(kv_lens)), (cast(k), cast(v))
+  return (cast(q), cast(nan_outside(k, vis)), cast(nan_outside(v, vis)), jnp.asarray(kv_lens)), (cast(k), cast(v))
 
 
 def kwargs(case: Case):
@@ -136,30 +122,11 @@ def test_matches_reference(case, impl):
   assert_close(lse, lse_ref, tol_lse, "lse")
 
 
-def test_merge_partials_is_exact_split_softmax():
-  """Two halves of a row merged by log-sum-exp equal the whole; empty partials drop out; all empty -> 0."""
-  rng = np.random.default_rng(0)
-  s = rng.standard_normal(10).astype(np.float32)
-  v = rng.standard_normal((10, 3)).astype(np.float32)
-
-  def part(idx):
-    p = np.exp(s[idx] - s[idx].max())
-    return p @ v[idx] / p.sum(), s[idx].max() + np.log(p.sum())
-
-  (o1, l1), (o2, l2) = part(slice(0, 4)), part(slice(4, 10))
-  o, lse = C.merge_partials(jnp.asarray(np.stack([[o1, o2, np.full(3, np.nan)], [o1 * 0, o1 * 0, o1 * 0]])),
-                            jnp.asarray([[l1, l2, -np.inf], [-np.inf] * 3], jnp.float32), axis=1)
-  whole, lse_whole = part(slice(0, 10))
-  np.testing.assert_allclose(np.asarray(o[0]), whole, rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(float(lse[0]), lse_whole, rtol=1e-6)
-  assert np.all(np.asarray(o[1]) == 0) and np.isneginf(float(lse[1]))
-
-
 def test_public_api_default_is_xla_on_cpu(caplog):
   case = CASES[0]
   args, _ = make_inputs(case)
-  api.REGISTRY._logged.clear()
-  with caplog.at_level(logging.INFO, logger="pallas_kernels.decode_attention._common"):
+  api.OP.forget_choices()
+  with caplog.at_level(logging.INFO, logger="pallas_kernels.op"):
     o = jax.jit(functools.partial(pallas_kernels.decode_attention, num_splits=2))(*args)
     jax.jit(pallas_kernels.decode_attention)(*args)
   assert sum("'xla'" in r.getMessage() and "decode_attention" in r.getMessage() for r in caplog.records) == 1
@@ -177,13 +144,7 @@ def test_pallas_lowers_for_hardware(platform, impl, marker):
 
 def test_unavailable_implementations_raise():
   args, _ = make_inputs(CASES[0])
-  for impl in ("pallas_gpu", "pallas_tpu"):
-    with pytest.raises(RuntimeError, match=impl):
-      pallas_kernels.decode_attention(*args, implementation=impl)
-  with pytest.raises(ValueError, match="implementation='nope'"):
-    pallas_kernels.decode_attention(*args, implementation="nope")
-  assert set(api.available_implementations()) == {"reference", "xla"}
-  assert set(api.available_implementations(interpret=True)) == set(api.IMPLEMENTATIONS)
+  assert_forced_implementations(lambda impl: pallas_kernels.decode_attention(*args, implementation=impl), api)
 
 
 _Q = jnp.zeros((2, 4, 16))

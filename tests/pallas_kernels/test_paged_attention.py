@@ -29,6 +29,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels.paged_attention import api, gpu, reference, tpu, xla
+from testlib import assert_close, assert_forced_implementations, nan_outside, random_page_table, slow_when
 
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 1e-4)}
 
@@ -49,19 +50,6 @@ RAGGED_IMPLS = {
     "pallas_tpu": functools.partial(tpu.ragged_paged_attention, interpret=True, block_q=4, num_splits=2,
                                     pages_per_block=3),
 }
-
-
-def assert_close(actual, expected, tol, what):
-  a = np.asarray(jnp.asarray(actual, jnp.float32))
-  e = np.asarray(jnp.asarray(expected, jnp.float32))
-  assert a.shape == e.shape, (what, a.shape, e.shape)
-  assert np.all(np.isfinite(a) == np.isfinite(e)), f"{what}: finiteness differs"
-  fin = np.isfinite(e)
-  if not fin.any():
-    return
-  err = np.max(np.abs(a[fin] - e[fin]))
-  scale = max(1.0, float(np.max(np.abs(e[fin]))))
-  assert err <= tol * scale, f"{what}: max abs error {err:.3g} > {tol:g} * {scale:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -99,7 +87,7 @@ def make_step(case: Ragged, seed: int = 0):
   k_clean = rng.standard_normal(shape).astype(np.float32)
   v_clean = rng.standard_normal(shape).astype(np.float32)
   q = rng.standard_normal((case.max_tokens, case.q_heads, case.head_dim)).astype(np.float32)
-  perm = rng.permutation(case.num_pages)[:S * pps].reshape(S, pps).astype(np.int32)
+  perm = random_page_table(rng, case.num_pages, S, pps)
   page_table = perm.copy()
   cu = np.zeros(S + 1, np.int32)
   kv_lens = np.zeros(S, np.int32)
@@ -118,8 +106,7 @@ def make_step(case: Ragged, seed: int = 0):
   cu[num + 1:] = cu[num] + rng.integers(0, 4, S - num).cumsum()
   kv_lens[num:] = rng.integers(0, pps * ps, S - num)
   page_table[num:] = rng.integers(0, case.num_pages, (S - num, pps))
-  k_nan = np.where(visible[..., None, None], k_clean, np.nan)
-  v_nan = np.where(visible[..., None, None], v_clean, np.nan)
+  k_nan, v_nan = nan_outside(k_clean, visible), nan_outside(v_clean, visible)
   cast = lambda x: jnp.asarray(x).astype(case.dtype)
   args = (cast(q), cast(k_nan), cast(v_nan), jnp.asarray(page_table), jnp.asarray(kv_lens), jnp.asarray(cu),
           jnp.int32(num))
@@ -190,7 +177,8 @@ def test_ragged_reference_matches_dense_attention(case):
   assert np.all(np.asarray(o, np.float32)[int(args[5][len(case.seqs)]):] == 0)  # padding rows
 
 
-@pytest.mark.parametrize("case,impl", [(c, i) for c in RAGGED_CASES for i in RAGGED_IMPLS if i != "reference"],
+@pytest.mark.parametrize("case,impl", [slow_when(i == "pallas_tpu", c, i) for c in RAGGED_CASES for i in RAGGED_IMPLS
+                                       if i != "reference"],
                          ids=lambda x: x if isinstance(x, str) else x.name)
 def test_ragged_matches_reference(case, impl):
   args, _ = make_step(case)
@@ -203,6 +191,7 @@ def test_ragged_matches_reference(case, impl):
   assert_close(lse, lse_ref, tol_lse, "lse")
 
 
+@pytest.mark.slow
 def test_ragged_one_compilation_for_every_mix():
   """num_seqs and all lengths are dynamic: a second, different step reuses the compiled program."""
   a1, _ = make_step(RAGGED_CASES[0], seed=1)
@@ -274,7 +263,8 @@ def _paged_reference(case: Paged):
   return jax.jit(functools.partial(reference.paged_attention, **paged_kwargs(case)))(*args)
 
 
-@pytest.mark.parametrize("case,impl", [(c, i) for c in PAGED_CASES for i in PAGED_IMPLS if i != "reference"],
+@pytest.mark.parametrize("case,impl", [slow_when(i == "pallas_tpu", c, i) for c in PAGED_CASES for i in PAGED_IMPLS
+                                       if i != "reference"],
                          ids=lambda x: x if isinstance(x, str) else x.name)
 def test_paged_matches_reference(case, impl):
   args, _, _ = make_paged(case)
@@ -331,8 +321,8 @@ def test_pallas_gpu_rejects_odd_head_dim():
 
 def test_public_api_default_is_xla_on_cpu(caplog):
   args, _, _ = make_paged(PAGED_CASES[0])
-  api.REGISTRY._logged.clear()
-  with caplog.at_level(logging.INFO, logger="pallas_kernels.decode_attention._common"):
+  api.OP.forget_choices()
+  with caplog.at_level(logging.INFO, logger="pallas_kernels.op"):
     o = jax.jit(pallas_kernels.paged_attention)(*args)
     jax.jit(functools.partial(pallas_kernels.paged_attention, num_splits=2))(*args)
   assert sum("'xla'" in r.getMessage() and "paged_attention" in r.getMessage() for r in caplog.records) == 1
@@ -344,13 +334,10 @@ def test_public_api_default_is_xla_on_cpu(caplog):
 
 def test_unavailable_implementations_raise():
   args, _, _ = make_paged(PAGED_CASES[0])
-  for impl in ("pallas_gpu", "pallas_tpu"):
-    with pytest.raises(RuntimeError, match=impl):
-      pallas_kernels.paged_attention(*args, implementation=impl)
-  with pytest.raises(ValueError, match="implementation='nope'"):
-    pallas_kernels.paged_attention(*args, implementation="nope")
-  assert set(api.available_implementations()) == {"reference", "xla"}
-  assert set(api.available_implementations(interpret=True)) == set(api.IMPLEMENTATIONS)
+  assert_forced_implementations(lambda impl: pallas_kernels.paged_attention(*args, implementation=impl), api)
+  step_args, _ = make_step(RAGGED_CASES[0])
+  assert_forced_implementations(lambda impl: pallas_kernels.ragged_paged_attention(*step_args, implementation=impl),
+                                api)
 
 
 _Q = jnp.zeros((3, 4, 16))
