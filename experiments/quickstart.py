@@ -9,10 +9,8 @@ results.md and a Hugging Face export (workdir/hf, with tokenizer.json), and prin
 of code prompts. Running the same command again resumes from the latest checkpoint.
 """
 
-from jaxinfer.configs import model_section
-from jaxinfer.data.dataset import data_section
-from jaxinfer.train.config import train_section, training_config
-from parallel.mesh import mesh_section
+from jaxinfer.config import data_section, mesh_section, model_section, train_section
+from jaxinfer.train.config import training_config
 
 
 def get_config():

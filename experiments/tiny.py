@@ -3,10 +3,8 @@
   jaxinfer train --config experiments/tiny.py --config.workdir=/tmp/tiny
 """
 
-from jaxinfer.configs import model_section
-from jaxinfer.data.dataset import data_section
-from jaxinfer.train.config import train_section, training_config
-from parallel.mesh import mesh_section
+from jaxinfer.config import data_section, mesh_section, model_section, train_section
+from jaxinfer.train.config import training_config
 
 
 def get_config():

@@ -20,6 +20,7 @@ size and a fast part, via `mesh_utils.create_hybrid_device_mesh`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-__all__ = ["MESH_AXES", "ParallelConfigError", "mesh_section", "resolve_mesh_shape", "create_mesh",
+__all__ = ["MESH_AXES", "MeshConfig", "ParallelConfigError", "resolve_mesh_shape", "create_mesh",
            "mesh_summary"]
 
 # Order matters: outer (slow, data-like) axes first, so the inner axes land on neighbouring devices.
@@ -47,24 +48,32 @@ def _fail(field: str, message: str):
   raise ParallelConfigError(f"{field}: {message}")
 
 
-def mesh_section(**sizes):
-  """A `mesh` ml_collections ConfigDict: every axis size (default data=-1, others 1) and its dcn_ split."""
-  from ml_collections import config_dict  # only config building needs ml_collections
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """The `mesh` config section: one size per axis (-1: the devices the other axes leave) and dcn_ splits.
 
-  unknown = set(sizes) - set(MESH_AXES) - {f"dcn_{a}" for a in MESH_AXES}
-  if unknown:
-    _fail(f"mesh.{sorted(unknown)[0]}", f"unknown mesh axis; axes are {', '.join(MESH_AXES)}")
-  section = config_dict.ConfigDict()
-  for axis in ("data", "fsdp", "tensor", "sequence", "expert", "stage"):
-    setattr(section, axis, int(sizes.get(axis, -1 if axis == "data" else 1)))
-  for axis in ("data", "fsdp", "tensor", "sequence", "expert", "stage"):
-    setattr(section, f"dcn_{axis}", int(sizes.get(f"dcn_{axis}", 1)))
-  return section
+  Checked against the devices by `resolve_mesh_shape` (the device count is only known then).
+  """
+  SECTION = "mesh"
+  data: int = -1
+  fsdp: int = 1
+  tensor: int = 1
+  sequence: int = 1
+  expert: int = 1
+  stage: int = 1
+  dcn_data: int = 1
+  dcn_fsdp: int = 1
+  dcn_tensor: int = 1
+  dcn_sequence: int = 1
+  dcn_expert: int = 1
+  dcn_stage: int = 1
 
 
 def _as_dict(section) -> dict[str, Any]:
   if section is None:
     return {}
+  if dataclasses.is_dataclass(section):
+    return dataclasses.asdict(section)
   if hasattr(section, "to_dict"):
     return section.to_dict()
   return dict(section)

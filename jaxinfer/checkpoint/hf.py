@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
@@ -14,6 +13,7 @@ import safetensors.flax
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from jaxinfer.checkpoint.atomic import write_atomic
 from jaxinfer.config import ConfigError
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.transformer import Transformer
@@ -140,19 +140,6 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
 
 
 # ------------------------------------------------------------------------------------------ saving
-def _atomic_write(target: Path, write) -> None:
-  """Writes through a temporary file in the same directory, then renames it over target."""
-  fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, target)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def save_hf(model: Transformer, path: str | os.PathLike) -> Path:
   """Writes config.json + model.safetensors that transformers' from_pretrained loads."""
   cfg: ModelConfig = model.config
@@ -167,9 +154,9 @@ def save_hf(model: Transformer, path: str | os.PathLike) -> Path:
     name, transposed = hf_name(p)
     value = jax.device_get(var.get_value())
     tensors[name] = jnp.asarray(np.ascontiguousarray(value.T if transposed else value))
-  _atomic_write(path / WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(tensors, tmp, metadata={"format": "pt"}))
+  write_atomic(path / WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(tensors, tmp, metadata={"format": "pt"}))
   config_text = json.dumps(cfg.to_hf(), indent=2, sort_keys=True)
-  _atomic_write(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
+  write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
   stale_index = path / INDEX_FILE
   if stale_index.exists():
     os.remove(stale_index)  # a single-file checkpoint now replaces an earlier sharded one

@@ -8,32 +8,32 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
-from ml_collections import config_dict
-
 from jaxinfer.data.corpus import (Corpus, build_corpus, build_tokenizer, default_cache_dir, eos_id, load_corpus,
                                   load_tokenizer_file, unigram_entropy)
 from jaxinfer.data.packing import Split, make_split, split_documents
 from jaxinfer.data.sources import list_files, read_documents, select_files
-from jaxinfer.config import ConfigError
+from jaxinfer.config import ConfigError, from_section, path_field, require
 
 log = logging.getLogger("jaxinfer.data")
 
 
-def data_section(**overrides) -> config_dict.ConfigDict:
-  section = config_dict.ConfigDict()
-  section.paths = ()  # files, glob patterns or directories; empty: the Python standard library's .py tree
-  section.extensions = (".py", ".txt", ".md", ".rst", ".jsonl")  # read from directories
-  section.jsonl_field = "text"  # the text field of each .jsonl record
-  section.max_bytes = 0  # > 0: a seeded sample of whole files totalling at most this many bytes
-  section.tokenizer = ""  # a tokenizer.json (or a directory holding one); empty: train a BPE of model.vocab_size
-  section.eval_fraction = 0.05  # fraction of documents held out for eval loss / perplexity
-  section.seed = 0  # file sample, document split and row order
-  section.cache_dir = ""  # empty: $JAXINFER_CACHE_DIR, else ~/.cache/jaxinfer
-  for key, value in overrides.items():
-    if key not in section:
-      raise ConfigError(f"data.{key}: unknown field")
-    setattr(section, key, value)
-  return section
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """The `data` section: which files, how they are sampled and split, and which tokenizer."""
+  SECTION = "data"
+  paths: tuple[str, ...] = path_field(())  # files, globs or directories; empty: the Python standard library's tree
+  extensions: tuple[str, ...] = (".py", ".txt", ".md", ".rst", ".jsonl")  # read from directories
+  jsonl_field: str = "text"  # the text field of each .jsonl record
+  max_bytes: int = 0  # > 0: a seeded sample of whole files totalling at most this many bytes
+  tokenizer: str = path_field("")  # a tokenizer.json (or a directory holding one); empty: train a BPE of vocab_size
+  eval_fraction: float = 0.05  # fraction of documents held out for eval loss / perplexity
+  seed: int = 0  # file sample, document split and row order
+  cache_dir: str = path_field("")  # empty: $JAXINFER_CACHE_DIR, else ~/.cache/jaxinfer
+
+  def __post_init__(self):
+    require(isinstance(self.max_bytes, int) and self.max_bytes >= 0, "data.max_bytes",
+            f"must be an integer >= 0, got {self.max_bytes!r}")
+    require(0 <= self.eval_fraction < 1, "data.eval_fraction", f"must lie in [0, 1), got {self.eval_fraction}")
 
 
 @dataclasses.dataclass
@@ -58,10 +58,9 @@ def prepare_dataset(data, vocab_size: int, seq_len: int, workdir: Path, *, is_le
   other processes wait at `barrier`, then read the workdir copy (so every host uses the same tokenizer even
   with a per-host cache directory) and tokenize only if their cache lacks the corpus.
   """
+  data = from_section(DataConfig, data, "data")
   cache_dir = Path(data.cache_dir).expanduser() if data.cache_dir else default_cache_dir()
   files = list_files(tuple(data.paths), tuple(data.extensions))
-  if data.max_bytes < 0:
-    raise ConfigError(f"data.max_bytes: must be >= 0, got {data.max_bytes}")
   files = select_files(files, int(data.max_bytes), int(data.seed))
   where = "the standard library" if not data.paths else repr(tuple(data.paths))
   if not files:
@@ -103,8 +102,6 @@ def prepare_dataset(data, vocab_size: int, seq_len: int, workdir: Path, *, is_le
   if corpus.num_docs == 0 or len(corpus.tokens) == 0:
     raise ConfigError(f"data.paths: the corpus is empty: {len(files)} file(s) in {where} hold no decodable "
                       f"text (skipped: {corpus.meta.get('skipped')})")
-  if data.eval_fraction < 0 or data.eval_fraction >= 1:
-    raise ConfigError(f"data.eval_fraction: must lie in [0, 1), got {data.eval_fraction}")
   if data.eval_fraction > 0 and corpus.num_docs < 2:
     raise ConfigError(f"data.eval_fraction: the corpus has a single document, nothing to hold out; set "
                       f"data.eval_fraction=0 or add documents")

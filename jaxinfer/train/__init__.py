@@ -5,7 +5,7 @@ Entry point: `jaxinfer train --config experiments/<name>.py` (jaxinfer.commands.
 
 from __future__ import annotations
 
-from jaxinfer.train.config import train_section, training_config, validate_sections
+from jaxinfer.train.config import TrainConfig, training_config, validate_sections
 from jaxinfer.train.loss import next_token_nll
 from jaxinfer.train.trainer import TrainResult, check_parallel_config, train
 
@@ -25,4 +25,4 @@ def create_sharded_model(model_cfg, mesh, rules, seed: int = 0):
 
 
 __all__ = ["TrainResult", "check_parallel_config", "create_sharded_model", "next_token_nll", "train",
-           "train_section", "training_config", "validate_sections"]
+           "TrainConfig", "training_config", "validate_sections"]

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,20 +83,81 @@ def check_compatible(workdir, step: int, meta: dict, cfg: ModelConfig, shapes: d
         + ". Use another workdir, or delete its checkpoints/ to start over; nothing was written.")
 
 
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written; the message names the step, the directory and the cause."""
+
+
+class _SaveWatch:
+  """Waits for one save's background commit in a thread of its own and records how it ended."""
+
+  def __init__(self, step: int, manager):
+    self.step, self.error, self.done = step, None, threading.Event()
+
+    def wait():
+      try:
+        manager.wait_until_finished()
+      except BaseException as e:  # noqa: BLE001 - re-raised in the training thread by Checkpointer
+        self.error = e
+      finally:
+        self.done.set()
+
+    threading.Thread(target=wait, name=f"jaxinfer-save-watch-{step}", daemon=True).start()
+
+
 class Checkpointer:
-  """CheckpointManager with async saves and max_to_keep, for TrainState + JSON meta."""
+  """CheckpointManager with async saves and max_to_keep, for TrainState + JSON meta.
+
+  An asynchronous save runs in Orbax's background threads, where an error is only logged; `poll()` (called
+  after every train step) and `save()`/`close()` re-raise it as CheckpointSaveError, so a run never carries on
+  without the checkpoints it asked for. The failed step's temporary directory is removed (nothing is left
+  half-written) and the complete checkpoints before it are untouched (Orbax only deletes old steps after a
+  save commits).
+  """
 
   def __init__(self, workdir, keep: int, async_save: bool = True):
+    directory = checkpoint_dir(workdir)
+    if not directory.is_absolute():
+      # Orbax's tensorstore writer rejects relative paths, but only in its background thread, after training
+      raise ValueError(f"Checkpointer: workdir must be an absolute path, got {str(workdir)!r}")
+    self.directory = directory
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True, create=True)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_handlers=_item_handlers())
+    self.manager = ocp.CheckpointManager(directory, options=options, item_handlers=_item_handlers())
+    self._pending: _SaveWatch | None = None  # the save whose outcome has not been checked yet
+    self._failed_step: int | None = None
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
   def save(self, step: int, state, meta: dict[str, Any]) -> None:
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    self._finish_pending()  # Orbax would wait for it anyway; this surfaces its error first
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    except Exception as e:  # noqa: BLE001 - any failure to start the save is fatal to the run
+      self._fail(step, e)
+    # A watcher thread waits for the background commit, so that poll() learns of its end without blocking
+    # (Orbax's own is_saving_in_progress stays True after a failed commit).
+    self._pending = _SaveWatch(step, self.manager)
+
+  def poll(self) -> None:
+    """Raises CheckpointSaveError if an asynchronous save has finished with an error; never blocks."""
+    if self._pending is not None and self._pending.done.is_set():
+      self._finish_pending()
+
+  def _finish_pending(self) -> None:
+    watch, self._pending = self._pending, None
+    if watch is None:
+      return
+    watch.done.wait()
+    if watch.error is not None:
+      self._fail(watch.step, watch.error)
+
+  def _fail(self, step: int | None, error: BaseException):
+    self._failed_step = step
+    self._remove_partial(step)
+    raise CheckpointSaveError(f"saving the checkpoint of step {step} to {self.directory} failed: "
+                              f"{type(error).__name__}: {error}") from error
 
   def restore(self, step: int, abstract_state) -> tuple[Any, dict]:
     restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
@@ -101,8 +165,30 @@ class Checkpointer:
     return restored["state"], dict(restored["meta"])
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    self._finish_pending()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish_pending()
+    finally:
+      try:
+        self.manager.close()
+      except Exception:  # noqa: BLE001
+        if self._failed_step is None:
+          raise
+        # Orbax re-raises the failure it already reported; CheckpointSaveError carries it
+        log.debug("checkpoint manager close after a failed save", exc_info=True)
+      if self._failed_step is not None:
+        # writes of the failed save that had not failed themselves may still be landing: remove what they
+        # leave until the folder stays gone (bounded), so a failed save leaves nothing behind
+        deadline = time.monotonic() + 10.0
+        while self._remove_partial(self._failed_step) and time.monotonic() < deadline:
+          time.sleep(0.2)
+
+  def _remove_partial(self, step) -> bool:
+    """Removes the temporary folder(s) of an unfinished save of `step`; True if there was one."""
+    found = False
+    for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(tmp, ignore_errors=True)
+      found = True
+    return found

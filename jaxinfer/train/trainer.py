@@ -25,9 +25,10 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer.data.dataset import prepare_dataset
 from jaxinfer.data.packing import BatchIterator, eval_batches
-from jaxinfer.config import ConfigError
+from jaxinfer.config import ConfigError, resolve_config_paths
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.transformer import Transformer
+from jaxinfer.checkpoint.atomic import write_atomic, write_text_atomic
 from jaxinfer.train.checkpoint import Checkpointer, check_compatible, param_shapes, peek_latest
 from jaxinfer.train.config import validate_sections
 from jaxinfer.train.flops import peak_flops_per_device, train_flops_per_token
@@ -127,8 +128,9 @@ def _config_json(config) -> dict:
 
 
 def train(config) -> TrainResult:
-  t = config.train
-  cfg = validate_sections(config)
+  config = config.copy_and_resolve_references()  # the caller's config is left as it was
+  resolve_config_paths(config)  # a no-op when the CLI already did it; the Orbax writer needs absolute paths
+  cfg, t = validate_sections(config)
   leader = jax.process_index() == 0
   workdir = Path(config.workdir)
   with _config_errors():
@@ -149,7 +151,7 @@ def train(config) -> TrainResult:
   if cfg.eos_token_id is None and ds.eos_id is not None:
     cfg = cfg.replace(eos_token_id=ds.eos_id)
   if leader:
-    (workdir / "resolved_config.json").write_text(json.dumps(_config_json(config), indent=2))
+    write_text_atomic(workdir / "resolved_config.json", json.dumps(_config_json(config), indent=2))
 
   # ------------------------------------------------------------------ model, optimizer, state
   constructor = lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed))
@@ -241,6 +243,7 @@ def train(config) -> TrainResult:
     last = time.perf_counter()
     for step in range(start_step + 1, end_step + 1):
       state, m = train_fn(state, next_batch)
+      checkpointer.poll()  # an asynchronous save that failed stops the run here, naming the path and cause
       if step < end_step:
         next_batch = to_device(next(iterator), batch_shape)  # overlaps with the step running on the devices
       m = jax.device_get(m)
@@ -287,7 +290,7 @@ def train(config) -> TrainResult:
   if leader and t.export_hf and finished:
     from jaxinfer.checkpoint.hf import save_hf
     save_hf(trained, workdir / "hf")
-    shutil.copyfile(ds.tokenizer_file, workdir / "hf" / "tokenizer.json")
+    write_atomic(workdir / "hf" / "tokenizer.json", lambda tmp: shutil.copyfile(ds.tokenizer_file, tmp))
     log.info("exported Hugging Face checkpoint to %s", workdir / "hf")
   if t.sample_prompts and t.sample_tokens and jax.process_count() == 1 and finished:
     samples = sample_continuations(trained, ds.tokenizer, tuple(t.sample_prompts), t.sample_tokens,

@@ -18,7 +18,7 @@ from jaxinfer.models import ModelConfig, init_model
 from jaxinfer.train import create_sharded_model
 from jaxinfer.train.step import batch_sharding, loss_and_grads
 from parallel.layouts import LAYOUTS
-from parallel.mesh import MESH_AXES, ParallelConfigError, create_mesh, mesh_section, resolve_mesh_shape
+from parallel.mesh import MESH_AXES, MeshConfig, ParallelConfigError, create_mesh, resolve_mesh_shape
 from parallel.sharding import (DEFAULT_RULES, RULE_PRESETS, logical_to_spec, normalize_rules, rules_preset,
                                state_partition_specs)
 
@@ -29,15 +29,15 @@ LOSS_RTOL, GRAD_ATOL = 2e-6, 1e-6
 
 # ------------------------------------------------------------------------------------------------ meshes
 def test_mesh_sizes_resolve_minus_one_and_keep_every_axis():
-  assert resolve_mesh_shape(mesh_section(), 8)["data"] == 8
-  sizes = resolve_mesh_shape(mesh_section(tensor=4), 8)
+  assert resolve_mesh_shape(MeshConfig(), 8)["data"] == 8
+  sizes = resolve_mesh_shape(MeshConfig(tensor=4), 8)
   assert sizes["data"] == 2 and sizes["tensor"] == 4
   assert resolve_mesh_shape({"fsdp": -1, "sequence": 2}, 8)["fsdp"] == 4
-  mesh = create_mesh(mesh_section(fsdp=2, tensor=2, sequence=2))
+  mesh = create_mesh(MeshConfig(fsdp=2, tensor=2, sequence=2))
   assert mesh.axis_names == MESH_AXES and mesh.size == 8
   assert all(t == AxisType.Auto for t in mesh.axis_types)
   assert dict(mesh.shape) == {"data": 1, "stage": 1, "fsdp": 2, "expert": 1, "sequence": 2, "tensor": 2}
-  explicit = create_mesh(mesh_section(data=8), axis_type=AxisType.Explicit)
+  explicit = create_mesh(MeshConfig(data=8), axis_type=AxisType.Explicit)
   assert all(t == AxisType.Explicit for t in explicit.axis_types)
 
 
@@ -59,22 +59,22 @@ def test_impossible_meshes_name_the_axis(sizes, field, message):
 def test_dcn_split_needs_as_many_hosts():
   # one process is one DCN granule: a DCN axis of 2 cannot be laid out (test_multihost builds one over 2)
   with pytest.raises(ParallelConfigError, match=r"^mesh.dcn_data: cannot split"):
-    create_mesh(mesh_section(data=2, fsdp=4, dcn_data=2))
+    create_mesh(MeshConfig(data=2, fsdp=4, dcn_data=2))
 
 
 # ------------------------------------------------------------------------------------------------ rules
 def test_logical_to_spec_drops_size_one_and_reused_axes():
-  mesh = create_mesh(mesh_section(fsdp=2, tensor=4, data=1))
+  mesh = create_mesh(MeshConfig(fsdp=2, tensor=4, data=1))
   assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES, mesh) == P("fsdp", "tensor")
   assert logical_to_spec(("batch", "seq"), DEFAULT_RULES, mesh) == P("fsdp")  # data and sequence are size 1
   assert logical_to_spec(("batch", "seq", "embed"), DEFAULT_RULES, mesh) == P("fsdp")  # fsdp used once
   assert logical_to_spec(("norm",), DEFAULT_RULES, mesh) == P()
-  data_mesh = create_mesh(mesh_section(data=8))
+  data_mesh = create_mesh(MeshConfig(data=8))
   assert logical_to_spec(("embed", "mlp"), DEFAULT_RULES, data_mesh) == P()  # pure data parallel: replicated
 
 
 def test_indivisible_dimension_and_unknown_names_are_clear_errors():
-  mesh = create_mesh(mesh_section(tensor=8, data=1))
+  mesh = create_mesh(MeshConfig(tensor=8, data=1))
   with pytest.raises(ParallelConfigError, match=r"layers.0.mlp.gate_proj.kernel dimension 1 \('mlp', size 12\) "
                                                 r"is not divisible by mesh axes \('tensor',\) of total size 8"):
     logical_to_spec(("embed", "mlp"), DEFAULT_RULES, mesh, shape=(16, 12), name="layers.0.mlp.gate_proj.kernel")
@@ -92,7 +92,7 @@ def test_presets_are_complete_rule_tables():
   for name, rules in RULE_PRESETS.items():
     table = normalize_rules(rules)
     assert {"batch", "seq", "embed", "heads", "kv_heads", "mlp", "vocab", "norm"} <= set(table), name
-  mesh = create_mesh(mesh_section(fsdp=8, data=1))
+  mesh = create_mesh(MeshConfig(fsdp=8, data=1))
   abstract = nnx.split(nnx.eval_shape(lambda: init_model(CFG)))[1]
   fsdp = state_partition_specs(abstract, rules_preset("fsdp"), mesh)
   assert fsdp["layers"][0]["mlp"]["down_proj"]["kernel"].get_value() == P(None, "fsdp")
@@ -129,7 +129,7 @@ def one_step(mesh, batch, layout="contiguous"):
 
 @pytest.fixture(scope="module")
 def single_device(batch):
-  mesh = create_mesh(mesh_section(), devices=jax.devices()[:1])
+  mesh = create_mesh(MeshConfig(), devices=jax.devices()[:1])
   return one_step(mesh, batch)
 
 
@@ -149,7 +149,7 @@ Q, EMB, DOWN, NORM = ("layers.0.self_attn.q_proj.kernel", "embed_tokens.embeddin
 ], ids=["data8", "fsdp8", "data2-tensor4", "fsdp2-tensor2-sequence2"])
 def test_sharded_step_matches_single_device(batch, single_device, sizes, layout, expected):
   ref_loss, ref_grads, _, _ = single_device
-  mesh = create_mesh(mesh_section(**sizes))
+  mesh = create_mesh(MeshConfig(**sizes))
   loss, grads, specs, batch_spec = one_step(mesh, batch, layout or "contiguous")
   for name, spec in expected.items():
     assert (batch_spec if name == "batch" else specs[name]) == spec, name
@@ -161,7 +161,7 @@ def test_sharded_step_matches_single_device(batch, single_device, sizes, layout,
 
 def test_parameters_are_created_in_their_shards():
   # (that the values equal an unsharded initialisation is what the single-device comparisons above rely on)
-  mesh = create_mesh(mesh_section(data=1, fsdp=2, tensor=4))
+  mesh = create_mesh(MeshConfig(data=1, fsdp=2, tensor=4))
   model, _ = create_sharded_model(CFG, mesh, DEFAULT_RULES, seed=0)
   kernel = model.layers[0].mlp.gate_proj.kernel.get_value()  # [embed 64, mlp 128] over (fsdp 2, tensor 4)
   assert kernel.sharding.spec == P("fsdp", "tensor")

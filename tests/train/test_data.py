@@ -7,7 +7,7 @@ import pytest
 
 from jaxinfer.data import BatchIterator, Split, eval_batches, prepare_dataset, stdlib_root
 from jaxinfer.data.corpus import unigram_entropy
-from jaxinfer.data.dataset import data_section
+from jaxinfer.config import data_section
 from jaxinfer.data.sources import list_files
 from jaxinfer.config import ConfigError
 from parallel.layouts import LAYOUTS

@@ -8,7 +8,7 @@ from flax import nnx
 
 from jaxinfer.data.packing import Split
 from jaxinfer.models import ModelConfig, Transformer
-from jaxinfer.train.config import train_section
+from jaxinfer.train.config import TrainConfig
 from jaxinfer.train.flops import peak_flops_per_device, train_flops_per_token
 from jaxinfer.train.loss import next_token_nll
 from jaxinfer.train.optim import learning_rate_schedule
@@ -85,7 +85,7 @@ def test_bf16_compute_keeps_float32_master_weights(packed, reference):
 
 
 def test_schedule_warmup_then_cosine():
-  schedule = learning_rate_schedule(train_section(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1))
+  schedule = learning_rate_schedule(TrainConfig(steps=100, warmup_steps=10, learning_rate=1.0, min_lr_ratio=0.1))
   assert float(schedule(0)) == pytest.approx(0.1)
   assert float(schedule(9)) == pytest.approx(1.0)
   assert float(schedule(100)) == pytest.approx(0.1)
