@@ -242,6 +242,16 @@ class Engine:
     except ValueError as e:
       raise RequestRejected(f"rollback: request {request_id}: {e}") from None
 
+  def preempt(self, request_id: int) -> None:
+    """Preempts a running request now, as the scheduler does when pages run out: its pages go back and it is
+    recomputed from its prompt and generated tokens when admitted again (tests and KV policies use this)."""
+    request = self._requests.get(request_id)
+    if request is None:
+      raise UnknownRequestError(f"preempt: request {request_id!r} is unknown to this engine or finished")
+    self.scheduler.preempt(request)
+    self.builder.release(request)
+    self.stats["preemptions"] += 1
+
   def _finish(self, request: Request, reason: str) -> None:
     self.scheduler.release(request)
     self.builder.release(request)
