@@ -2,6 +2,9 @@
 
     python benchmarks/attention.py --out results/attention.json            # GPU/TPU: seq 1k/4k/16k
     python benchmarks/attention.py --small --out /tmp/attention_cpu.json   # CPU (automatic on a CPU backend)
+    python benchmarks/attention.py --quick --out DIR/attention.json        # seq 1k/4k, 5 runs (device check)
+
+Importable: `main(["--quick", "--out", path])` runs the same and returns the exit status.
 
 For each sequence length and causal/non-causal, every available implementation (reference, xla,
 pallas_gpu, pallas_tpu, cudnn; see `available_implementations`) is
@@ -37,10 +40,11 @@ from pallas_kernels.flash_attention import _common, api  # noqa: E402
 _TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 3e-2), "float16": (5e-3, 1e-2)}  # (out, grads)
 
 
-def _parse():
+def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="path of the JSON results file")
   p.add_argument("--small", action="store_true", help="CPU-sized problems (automatic when the backend is cpu)")
+  p.add_argument("--quick", action="store_true", help="fewer sizes and runs (seq 1k/4k, 5 runs; CPU: seq 256)")
   p.add_argument("--seqs", default=None, help="comma-separated sequence lengths (default 1024,4096,16384)")
   p.add_argument("--tokens", type=int, default=None, help="batch = max(1, tokens // seq) (default 16384)")
   p.add_argument("--q-heads", type=int, default=None)
@@ -51,7 +55,7 @@ def _parse():
   p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 10; 3 small)")
   p.add_argument("--reference-max-seq", type=int, default=4096,
                  help="longest sequence for which the dense reference is run (it materialises q x k scores)")
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
 def _commit():
@@ -82,7 +86,7 @@ def _max_err(a, b) -> float:
 
 def _jitted(name: str, causal: bool):
   """(forward, forward+backward) jitted for one implementation and mask."""
-  module = api.implementation_module(name)
+  module = api.OP.module(name)
   attn = lambda q, k, v: module.flash_attention(q, k, v, causal=causal)
 
   @jax.jit
@@ -93,17 +97,34 @@ def _jitted(name: str, causal: bool):
   return jax.jit(attn), fwd_bwd
 
 
-def main():
-  args = _parse()
+def _write(path, settings, rows, *, complete: bool):
+  backend = jax.default_backend()
+  result = {
+      "benchmark": "flash_attention", "complete": complete,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
+      "commit": _commit(), "settings": settings, "rows": rows,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+  args = _parse(argv)
   backend = jax.default_backend()
   small = args.small or backend == "cpu"
-  seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else ([256, 512, 1024] if small else [1024, 4096, 16384])
-  tokens = args.tokens or (1024 if small else 16384)
+  default_seqs = ([256] if args.quick else [256, 512, 1024]) if small else (
+      [1024, 4096] if args.quick else [1024, 4096, 16384])
+  seqs = [int(s) for s in args.seqs.split(",")] if args.seqs else default_seqs
+  tokens = args.tokens or ((256 if args.quick else 1024) if small else 16384)
   q_heads = args.q_heads or (4 if small else 16)
   kv_heads = args.kv_heads or q_heads
   d = args.head_dim
   dtype = jnp.dtype(args.dtype)
-  iters = args.iters or (3 if small else 10)
+  iters = args.iters or (3 if small else (5 if args.quick else 10))
   impls = args.impls.split(",") if args.impls else api.available_implementations()
   if "xla" not in impls:
     impls = ["xla"] + impls  # the baseline every ratio refers to
@@ -113,6 +134,9 @@ def main():
   print(f"shapes: seqs {seqs}, batch = max(1, {tokens} // seq), q_heads {q_heads}, kv_heads {kv_heads}, "
         f"head_dim {d}, {args.dtype}; {iters} timed runs (median)\n")
 
+  settings = dict(seqs=seqs, tokens=tokens, q_heads=q_heads, kv_heads=kv_heads, head_dim=d, dtype=args.dtype,
+                  iters=iters, small=small, implementations=impls,
+                  flops="4*b*h*s*s*d forward, x3.5 forward+backward, causal /2")
   rows = []
   for seq in seqs:
     batch = max(1, tokens // seq)
@@ -155,6 +179,8 @@ def main():
                  f"err {row['max_err_out']:.1e}/{row['max_err_grad']:.1e} {'ok' if row['ok'] else 'MISMATCH'}"
                  if "error" not in row else f"ERROR {row['error'][:150]}"), flush=True)
 
+    _write(args.out, settings, rows, complete=False)  # what is measured so far survives a time limit
+
   # Ratios against the baselines measured in this run.
   for row in rows:
     for base in ("xla", "cudnn"):
@@ -181,20 +207,7 @@ def main():
           f"{r['fwd_bwd_ms']:>10.2f} {r['fwd_bwd_tflops']:>8.3f} {r.get('fwd_bwd_speedup_vs_xla', float('nan')):>7.2f}"
           f"{cud('fwd_bwd_speedup_vs_cudnn')} | {'ok' if r['ok'] else 'MISMATCH':>8}")
 
-  result = {
-      "benchmark": "flash_attention",
-      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": device.device_kind, "backend": backend, "jax_version": jax.__version__, "commit": _commit(),
-      "settings": dict(seqs=seqs, tokens=tokens, q_heads=q_heads, kv_heads=kv_heads, head_dim=d,
-                       dtype=args.dtype, iters=iters, small=small, implementations=impls,
-                       flops="4*b*h*s*s*d forward, x3.5 forward+backward, causal /2"),
-      "rows": rows,
-  }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, args.out)
+  _write(args.out, settings, rows, complete=True)
   print(f"\nwrote {args.out}")
   return 0 if all(r["ok"] for r in rows) else 1
 

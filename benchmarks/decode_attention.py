@@ -2,6 +2,8 @@
 
   python benchmarks/decode_attention.py [--out results/decode_attention.json] [--repeats 20] [--quick]
 
+Importable: `main(["--quick", "--out", path])` runs the same and returns the result dict.
+
 Ops: decode_attention (contiguous cache, split-K), paged_attention (pages of 16 scattered in the pool by a
 random permutation) and ragged_paged_attention (a decode-only step, and a mixed step: one 512-token prefill
 chunk plus decode tokens). Sizes: on a GPU/TPU batch 8-64, kv 1k-32k, 32 query / 8 kv heads, head_dim 128,
@@ -17,20 +19,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-def parse_args():
+
+def parse_args(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--repeats", type=int, default=20)
   p.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
   p.add_argument("--ops", default="decode,paged,ragged")
   p.add_argument("--out", default=None, help="write the results as JSON here")
-  return p.parse_args()
+  return p.parse_args(argv)
 
 
 def timed(fn, args, repeats):
@@ -51,6 +57,10 @@ def copy_bandwidth(nbytes: int, repeats: int) -> float:
   x = jnp.zeros((nbytes // 4,), jnp.float32)
   t = timed(jax.jit(lambda x: x + 1.0), (x,), repeats)
   return 2 * nbytes / t
+
+
+def _fmt(x):
+  return "-" if x is None else f"{x:.1e}"
 
 
 def max_err(a, b):
@@ -89,8 +99,20 @@ def make_inputs(cfg, rng, page_size=16):
   return q, k, v, kv_lens, k_pages, v_pages, table
 
 
-def main():
-  args = parse_args()
+def _write(path, device, backend, bw, rows) -> dict:
+  import jax
+  result = dict(device=device.device_kind, backend=backend, jax=jax.__version__, host=platform.node(),
+                copy_bandwidth_gb_per_s=bw / 1e9, rows=rows)
+  if path:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+      json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+  return result
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
   import jax
   import jax.numpy as jnp
 
@@ -146,6 +168,7 @@ def main():
           times[impl] = timed(fn, op_args, repeats)
         except Exception as e:  # report and go on: one failing implementation must not hide the others
           print(f"  {op} {impl}: FAILED {type(e).__name__}: {str(e)[:200]}")
+          rows.append(dict(op=op, impl=impl, **cfg, error=f"{type(e).__name__}: {e}"[:500]))
       base = outs.get("reference", outs.get("xla"))
       for impl, t in times.items():
         row = dict(op=op, impl=impl, **cfg, time_ms=t * 1e3, kv_gb_per_s=nbytes / t / 1e9,
@@ -156,16 +179,13 @@ def main():
         sp = f"{row['speedup_vs_xla']:.2f}x" if row["speedup_vs_xla"] else "-"
         print(f"{op:20s} {impl:11s} b={cfg['batch']:3d} kv={cfg['kv_len']:6d} {row['time_ms']:9.3f} ms "
               f"{row['kv_gb_per_s']:8.1f} GB/s {100 * row['fraction_of_copy_bw']:5.1f}% of copy  vs xla {sp:>7s}  "
-              f"err {row['max_rel_err_vs_baseline']:.1e}")
+              f"err {_fmt(row['max_rel_err_vs_baseline'])}")
+    _write(args.out, device, backend, bw, rows)  # what is measured so far survives a time limit
 
-  result = dict(device=device.device_kind, backend=backend, jax=jax.__version__, host=platform.node(),
-                copy_bandwidth_gb_per_s=bw / 1e9, rows=rows)
+  result = _write(args.out, device, backend, bw, rows)
   if args.out:
-    import os
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
     print(f"wrote {args.out}")
+  return result
 
 
 if __name__ == "__main__":
