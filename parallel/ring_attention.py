@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import flash_attention
 from pallas_kernels.flash_attention.tiles import tile_visibility
+from pallas_kernels.lse import merge_pair
 
 __all__ = ["ring_attention", "block_may_be_visible", "DEFAULT_BATCH_AXES", "DEFAULT_HEAD_AXES"]
 
@@ -62,14 +63,10 @@ def block_may_be_visible(q_positions, kv_positions, q_segment_ids=None, kv_segme
 
 
 def _merge(o_acc, lse_acc, o_t, lse_t):
-  """Log-sum-exp merge of two normalised partial results; -inf rows (nothing visible yet) are handled."""
-  lse = jnp.logaddexp(lse_acc, lse_t)  # -inf only where both are -inf
-  safe = jnp.where(jnp.isneginf(lse), 0.0, lse)
-  w_acc = jnp.exp(lse_acc - safe)  # [b, h, q]; exp(-inf) = 0
-  w_t = jnp.exp(lse_t - safe)
-  o = (o_acc * jnp.swapaxes(w_acc, 1, 2)[..., None]
-       + o_t.astype(jnp.float32) * jnp.swapaxes(w_t, 1, 2)[..., None])
-  return o, lse
+  """Log-sum-exp merge (pallas_kernels.lse) of the running result with this step's; o [b, q, h, d] float32,
+  lse [b, h, q] float32 (-inf rows: nothing visible yet)."""
+  o, lse = merge_pair(o_acc, jnp.swapaxes(lse_acc, 1, 2), o_t, jnp.swapaxes(lse_t, 1, 2))
+  return o, jnp.swapaxes(lse, 1, 2)
 
 
 def _rotate(x, axis_name, n):
