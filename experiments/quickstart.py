@@ -22,4 +22,6 @@ def get_config():
                         checkpoint_every=100, keep_checkpoints=2,
                         sample_prompts=("def fibonacci(n):", "import os\n", "class Stack:\n    def __init__(self"),
                         sample_tokens=64, sample_temperature=0.6, sample_top_k=20)
-  return training_config("quickstart", "results/quickstart", model, train, data=data, mesh=mesh_section(data=-1))
+  config = training_config("quickstart", "results/quickstart", model, train, data=data, mesh=mesh_section(data=-1))
+  config.driver = "train"  # `jaxinfer run` runs it too (jaxinfer/experiments/train.py)
+  return config

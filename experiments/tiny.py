@@ -14,4 +14,6 @@ def get_config():
   train = train_section(steps=20, batch_size=8, seq_len=64, learning_rate=1e-2, warmup_steps=4,
                         eval_every=10, eval_batches=2, checkpoint_every=10, keep_checkpoints=2,
                         sample_prompts=("def ",), sample_tokens=16, progress=False)
-  return training_config("tiny", "results/tiny", model, train, data=data, mesh=mesh_section(data=-1))
+  config = training_config("tiny", "results/tiny", model, train, data=data, mesh=mesh_section(data=-1))
+  config.driver = "train"  # `jaxinfer run` runs it too (jaxinfer/experiments/train.py)
+  return config
