@@ -28,12 +28,19 @@ from jaxinfer.engine.kv_pool import KVPool
 _JITTED: dict = {}  # (graphdef, options) -> jitted step; engines of one model share compiled programs
 
 
-def _jitted_step(graphdef, max_rows: int, attention_impl, prefix_impl, interpret: bool):
-  key = (graphdef, max_rows, attention_impl, prefix_impl, interpret)
+def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
+  return step_lib.engine_step(graphdef, jax.tree.unflatten(state_def, state_leaves), *args, **kwargs)
+
+
+def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool):
+  """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
+  only the flat list of parameter arrays, so no step walks the NNX state either)."""
+  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret)
   fn = _JITTED.get(key)
   if fn is None:
-    fn = jax.jit(functools.partial(step_lib.engine_step, graphdef, max_rows=max_rows, attention_impl=attention_impl,
-                                   prefix_impl=prefix_impl, interpret=interpret), donate_argnums=(1,))
+    fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
+                                   attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret),
+                 donate_argnums=(1,))
     _JITTED[key] = fn
   return fn
 
@@ -60,13 +67,15 @@ class ModelRunner:
     self.model_config = model.config
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
+    self.state_leaves, state_def = jax.tree.flatten(self.state)
     self.pool = KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_dtype,
                               track_positions=cfg.track_slot_positions)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
-    self._step = _jitted_step(self.graphdef, max_rows, cfg.attention_impl, cfg.shared_prefix_impl, cfg.interpret)
+    self._step = _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
+                              cfg.interpret)
     self.copy_buckets = buckets(1, cfg.max_batch_size)
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0
@@ -95,7 +104,7 @@ class ModelRunner:
   def run_empty(self, shape, pages_per_seq: int) -> None:
     """Compiles (and runs) the program of one step shape on a batch of padding: nothing is written."""
     batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots)
-    sampled, _, self.pool = self._step(self.state, self.pool, self.table, self.prev_sampled, batch)
+    sampled, _, self.pool = self._step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch)
     sampled.block_until_ready()
 
   def maybe_compile_apart(self, shape, pages_per_seq: int) -> None:
@@ -112,7 +121,8 @@ class ModelRunner:
     if copies:
       self.copy_pages(copies)
     self.apply_table_update(built.table_update)
-    sampled, logprobs, self.pool = self._step(self.state, self.pool, self.table, self.prev_sampled, built.batch)
+    sampled, logprobs, self.pool = self._step(self.state_leaves, self.pool, self.table, self.prev_sampled,
+                                              built.batch)
     self.prev_sampled = sampled
     sampled.copy_to_host_async()
     if want_logprobs:
