@@ -243,6 +243,11 @@ def run_dir(config) -> Path:
 def open_run(config) -> Iterator[Run]:
   """The run folder of `config`; written under `<run>.partial/` and renamed to `<run>/` when the block ends."""
   run = Run(config.get("name", "experiment"), run_dir(config), environment())
-  yield run
+  try:
+    yield run
+  except BaseException:
+    run.metrics.close()
+    print(f"run failed: what it wrote is in {run.dir}", flush=True)
+    raise
   run._finish(config)
   print(f"wrote {run.dir}: " + ", ".join(sorted(p.name for p in run.dir.iterdir())), flush=True)

@@ -35,7 +35,8 @@ def experiment(name: str, driver: str, seed: int = 0, **sections) -> config_dict
 
 
 def read(config, cls, smoke: Mapping[str, Any] | None = None, name: str | None = None):
-  """`config[<section>]` as a validated `cls`; when `config.smoke`, with the `smoke` overrides on top."""
+  """`config[<section>]` as a validated `cls`; when `config.smoke`, with the `smoke` overrides on top (they win
+  over command-line overrides of the same fields: smoke sizes are the driver's, for the test suite)."""
   name = name or cls.SECTION
   require(name in config, name, f"missing section: the {config.get('driver', '?')} driver reads it")
   value = from_section(cls, config[name], name)
