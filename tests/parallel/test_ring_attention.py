@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels import flash_attention
 from parallel import LAYOUTS, ring_attention
 from parallel.ring_attention import block_may_be_visible
+from testlib import randn
 
 ATOL = 2e-5
 
@@ -31,11 +32,11 @@ def _segments(batch, length, rng):
 
 
 def _inputs(batch, length, hq, hkv, d, seed):
-  ks = jax.random.split(jax.random.key(seed), 4)
-  q = jax.random.normal(ks[0], (batch, length, hq, d), jnp.float32)
-  k = jax.random.normal(ks[1], (batch, length, hkv, d), jnp.float32)
-  v = jax.random.normal(ks[2], (batch, length, hkv, d), jnp.float32)
-  w = jax.random.normal(ks[3], (batch, length, hq, d), jnp.float32)  # cotangent weights of the loss
+  tag = f"ring/{seed}/{batch}/{length}/{hq}/{hkv}/{d}"
+  q = randn((batch, length, hq, d), f"{tag}/q")
+  k = randn((batch, length, hkv, d), f"{tag}/k")
+  v = randn((batch, length, hkv, d), f"{tag}/v")
+  w = randn((batch, length, hq, d), f"{tag}/w")  # cotangent weights of the loss
   return q, k, v, w
 
 
