@@ -118,7 +118,8 @@ SMOKE = dict(attention=dict(batch=4, q_heads=4, kv_heads=2, head_dim=16, suffix_
 # ------------------------------------------------------------------------------------------------ attention
 
 
-def run_attention(a: AttentionPartConfig, seed: int) -> list[dict]:
+def run_attention(a: AttentionPartConfig, model, seed: int) -> list[dict]:
+  del model  # attention only: no model
   import jax
   import jax.numpy as jnp
 
@@ -314,12 +315,13 @@ def _plot(rows, xkey, series, xlabel, ylabel, title):
   return fig
 
 
-def report_attention(out, rows, a: AttentionPartConfig, device: str) -> None:
+def report_attention(out, rows, a: AttentionPartConfig, model_desc: str, device: str) -> None:
   out.section("Attention only (one decode step)",
               f"batch {a.batch}, {a.q_heads} q / {a.kv_heads} kv heads, head_dim {a.head_dim}, suffix {a.suffix_len}, "
               f"{a.dtype}; median of {a.rounds} interleaved rounds x {a.repeats} calls",
               results.table_from(rows, (("prefix", "prefix_len", None), ("baseline tok/s", "baseline_tok_s", ".1f"),
-                                        ("hydragen tok/s", "hydragen_tok_s", ".1f"), ("speedup", "speedup", "{:.2f}x"))),
+                                        ("hydragen tok/s", "hydragen_tok_s", ".1f"),
+                                        ("speedup", "speedup", "{:.2f}x"))),
               f"Throughput drop from prefix {rows[0]['prefix_len']} to {rows[-1]['prefix_len']}: baseline "
               f"{_drop(rows, 'baseline_tok_s')}, hydragen {_drop(rows, 'hydragen_tok_s')} ({PAPER}).")
   out.figure(_plot(rows, "prefix_len", (("baseline_tok_s", "per-sequence attention (baseline)", "o-"),
@@ -328,7 +330,7 @@ def report_attention(out, rows, a: AttentionPartConfig, device: str) -> None:
                    f"attention only, batch {a.batch}, {device}"), "throughput.png")
 
 
-def report_engine(out, rows, e: EngineDecodePartConfig, model_desc: str, device: str) -> None:
+def report_engine_decode(out, rows, e: EngineDecodePartConfig, model_desc: str, device: str) -> None:
   out.section("Engine decode throughput, batch sharing a prefix",
               f"jaxinfer.Engine, {model_desc}; batch {e.batch} requests = the shared prefix (prefilled once, reused "
               f"through the prefix cache) + {e.suffix_len} tokens of their own; page size {e.page_size}; best of "
@@ -346,7 +348,7 @@ def report_engine(out, rows, e: EngineDecodePartConfig, model_desc: str, device:
                    f"engine decode, batch {e.batch}, {device}"), "engine_throughput.png")
 
 
-def report_ttft(out, rows, t: TTFTPartConfig, device: str) -> None:
+def report_ttft(out, rows, t: TTFTPartConfig, model_desc: str, device: str) -> None:
   out.section("Time to first token, requests sharing a prompt",
               f"jaxinfer.Engine, same model; {t.requests} requests = a shared context + {t.question_len} tokens of "
               f"their own; chunked prefill, {t.max_step_tokens}-token steps, page size {t.page_size}; best of "
@@ -356,7 +358,8 @@ def report_ttft(out, rows, t: TTFTPartConfig, device: str) -> None:
                   ("shared context", "shared_len", None), ("sequential first (ms)", "seq_cache_first_ms", ".0f"),
                   ("sequential later, no cache (ms)", "seq_nocache_rest_ms", ".0f"),
                   ("sequential later, cache (ms)", "seq_cache_rest_ms", ".1f"),
-                  ("speedup", "seq_rest_speedup", "{:.1f}x"), ("burst mean, no cache (ms)", "burst_nocache_mean_ms", ".0f"),
+                  ("speedup", "seq_rest_speedup", "{:.1f}x"),
+                  ("burst mean, no cache (ms)", "burst_nocache_mean_ms", ".0f"),
                   ("burst mean, cache (ms)", "burst_cache_mean_ms", ".0f"), ("speedup", "burst_speedup", "{:.2f}x"))))
   out.figure(_plot(rows, "shared_len", (("seq_nocache_rest_ms", "sequential, no cache", "o-"),
                                         ("seq_cache_rest_ms", "sequential, prefix cache", "s-"),
@@ -367,6 +370,12 @@ def report_ttft(out, rows, t: TTFTPartConfig, device: str) -> None:
 
 # ------------------------------------------------------------------------------------------------------ run
 
+# each part: its section, how it is measured (section, model, seed) -> rows, how it is reported
+PARTS = ((AttentionPartConfig, run_attention, report_attention),
+         (EngineDecodePartConfig, run_engine_decode, report_engine_decode),
+         (TTFTPartConfig, run_ttft, report_ttft))
+LONGEST = {EngineDecodePartConfig: _engine_decode_len, TTFTPartConfig: _ttft_len}  # parts that serve a model
+
 
 def run(config) -> dict:
   import logging
@@ -374,33 +383,25 @@ def run(config) -> dict:
   from jaxinfer.models.config import ModelConfig
   from jaxinfer.models.transformer import init_model
 
-  a = read(config, AttentionPartConfig, SMOKE["attention"])
-  e = read(config, EngineDecodePartConfig, SMOKE["engine_decode"])
-  t = read(config, TTFTPartConfig, SMOKE["ttft"])
+  sections = [read(config, cls, SMOKE[cls.SECTION]) for cls, _, _ in PARTS]
   m = read(config, ModelConfig, SMOKE_MODEL)
-  check("attention", "enabled", a.enabled or e.enabled or t.enabled, "every part is disabled: nothing to run")
+  check("attention", "enabled", any(s.enabled for s in sections), "every part is disabled: nothing to run")
   logging.getLogger("jaxinfer.engine").setLevel(logging.WARNING)
   model_desc = (f"{m.num_layers} layers, hidden {m.hidden_size}, {m.num_heads} q / {m.num_kv_heads} kv heads, "
                 f"vocab {m.vocab_size}, {m.dtype}, random weights")
-  # one model for both engine parts, long enough for the longer (its positions are all it depends on)
-  longest = max([_engine_decode_len(e)] * e.enabled + [_ttft_len(t)] * t.enabled, default=0)
-  model = (init_model(replace(m, "model", max_position_embeddings=longest), seed=config.seed)
-           if longest else None)
-  parts = (("attention", a, lambda: run_attention(a, config.seed), lambda out, rows, d: report_attention(out, rows, a, d)),
-           ("engine_decode", e, lambda: run_engine_decode(e, model, config.seed),
-            lambda out, rows, d: report_engine(out, rows, e, model_desc, d)),
-           ("ttft", t, lambda: run_ttft(t, model, config.seed), lambda out, rows, d: report_ttft(out, rows, t, d)))
+  # one model for the engine parts, long enough for the longest sequence either serves
+  longest = max((LONGEST[type(s)](s) for s in sections if s.enabled and type(s) in LONGEST), default=0)
+  model = init_model(replace(m, "model", max_position_embeddings=longest), seed=config.seed) if longest else None
   found = {}
   with results.open_run(config) as out:
-    device = out.env["device_kind"]
-    for name, part, measure, report in parts:
-      if not part.enabled:
+    for section, (cls, measure, report) in zip(sections, PARTS):
+      if not section.enabled:
         continue
       start = time.perf_counter()
-      found[name] = rows = measure()
+      found[cls.SECTION] = rows = measure(section, model, config.seed)
       for row in rows:
-        out.log(name, **row)
-      report(out, rows, device)
-      print(f"[{name}: {time.perf_counter() - start:.0f} s]", flush=True)
+        out.log(cls.SECTION, **row)
+      report(out, rows, section, model_desc, out.env["device_kind"])
+      print(f"[{cls.SECTION}: {time.perf_counter() - start:.0f} s]", flush=True)
     print(out.markdown)
   return found

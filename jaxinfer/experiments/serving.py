@@ -69,7 +69,8 @@ class ServingExperimentConfig:
           f"prompt_max + output_max = {self.prompt_max + self.output_max} exceeds max_model_len={self.max_model_len}")
     check(cls, "chunk_budget", self.chunk_budget >= self.max_batch_size,
           f"{self.chunk_budget} must be >= max_batch_size={self.max_batch_size}")
-    check(cls, "arrival_rate", self.arrival_rate is None or self.arrival_rate > 0, f"must be > 0, got {self.arrival_rate}")
+    check(cls, "arrival_rate", self.arrival_rate is None or self.arrival_rate > 0,
+          f"must be > 0, got {self.arrival_rate}")
     check(cls, "load", self.load > 0, f"must be > 0, got {self.load}")
     check(cls, "num_requests", self.num_requests >= 1, f"must be >= 1, got {self.num_requests}")
     check(cls, "prompt_min", 1 <= self.prompt_min <= self.prompt_max, "need 1 <= prompt_min <= prompt_max")
@@ -220,7 +221,8 @@ def plot(rows, records, traces):
   fig, axes = plt.subplots(1, 4, figsize=(22, 4.5))
   axes[0].bar(modes, [r["throughput_tok_s"] for r in rows], color=[colors[m] for m in modes])
   axes[0].set(ylabel="output tokens / s", title="throughput")
-  for ax, key, title in ((axes[1], "ttft", "time to first token (ms)"), (axes[2], "tpot", "time per output token (ms)")):
+  for ax, key, title in ((axes[1], "ttft", "time to first token (ms)"),
+                         (axes[2], "tpot", "time per output token (ms)")):
     x = np.arange(len(modes))
     ax.bar(x - 0.2, [r[f"{key}_p50_ms"] for r in rows], 0.4, label="p50", color=[colors[m] for m in modes])
     ax.bar(x + 0.2, [r[f"{key}_p99_ms"] for r in rows], 0.4, label="p99", color=[colors[m] for m in modes],
