@@ -22,6 +22,12 @@ class Ran:
 
 
 @pytest.fixture
+def config_path():
+  """config_path(name): the absolute path of experiments/<name>.py."""
+  return lambda name: str(EXPERIMENTS / f"{name}.py")
+
+
+@pytest.fixture
 def run_experiment(tmp_path):
   """run_experiment(name, *overrides): `jaxinfer run --config experiments/<name>.py --config.smoke=True` into
   tmp_path; returns what it wrote (after checking the run folder's layout)."""

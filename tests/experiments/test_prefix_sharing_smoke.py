@@ -55,11 +55,9 @@ def test_ttft_part(run_experiment):
   assert "## Time to first token" in ran.markdown and (ran.dir / "ttft.png").is_file()
 
 
-def test_all_parts_off_is_an_error(capsys, tmp_path):
+def test_all_parts_off_is_an_error(capsys, tmp_path, config_path):
   from jaxinfer.cli import main
 
-  from tests.experiments.conftest import EXPERIMENTS
-
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "prefix_sharing.py"), f"--config.workdir={tmp_path}",
+  code = main(["jaxinfer", "run", "--config", config_path("prefix_sharing"), f"--config.workdir={tmp_path}",
                *(f"--config.{p}.enabled=False" for p in PARTS)])
   assert code == 2 and "every part is disabled" in capsys.readouterr().err

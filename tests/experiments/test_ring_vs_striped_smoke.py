@@ -33,12 +33,10 @@ def test_ring_vs_striped_smoke(run_experiment):
   assert (ran.dir / "ring_vs_striped.png").stat().st_size > 10_000
 
 
-def test_bad_section_field_is_named(capsys, tmp_path):
+def test_bad_section_field_is_named(capsys, tmp_path, config_path):
   from jaxinfer.cli import main
 
-  from tests.experiments.conftest import EXPERIMENTS
-
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "ring_vs_striped.py"), "--config.smoke=True",
+  code = main(["jaxinfer", "run", "--config", config_path("ring_vs_striped"), "--config.smoke=True",
                f"--config.workdir={tmp_path}", "--config.memory.total_len=500"])
   assert code == 2
   assert "memory.total_len: 500 is not divisible by 2 * max(memory.devices)" in capsys.readouterr().err

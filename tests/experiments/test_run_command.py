@@ -5,13 +5,13 @@ import pytest
 from jaxinfer.cli import main
 from jaxinfer.config import ConfigError
 from jaxinfer.experiments import available, driver
-from tests.experiments.conftest import EXPERIMENTS
 
 
-def test_every_experiment_config_names_an_existing_driver():
+def test_every_experiment_config_names_an_existing_driver(config_path):
   import importlib.util
+  from pathlib import Path
 
-  for path in sorted(EXPERIMENTS.glob("*.py")):
+  for path in sorted(Path(config_path("default")).parent.glob("*.py")):
     spec = importlib.util.spec_from_file_location(f"exp_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -28,8 +28,8 @@ def test_drivers_are_modules_and_helpers_are_not():
     driver("timing")
 
 
-def test_unknown_driver_is_named(capsys, tmp_path):
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "serving.py"), "--config.driver=nope",
+def test_unknown_driver_is_named(capsys, tmp_path, config_path):
+  code = main(["jaxinfer", "run", "--config", config_path("serving"), "--config.driver=nope",
                f"--config.workdir={tmp_path}"])
   assert code == 2
   err = capsys.readouterr().err
@@ -37,14 +37,14 @@ def test_unknown_driver_is_named(capsys, tmp_path):
   assert not list(tmp_path.iterdir())
 
 
-def test_config_without_driver(capsys):
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "default.py")])
+def test_config_without_driver(capsys, config_path):
+  code = main(["jaxinfer", "run", "--config", config_path("default")])
   assert code == 2 and "driver: missing" in capsys.readouterr().err
 
 
-def test_relative_workdir_is_resolved_against_the_cwd(tmp_path, monkeypatch):
+def test_relative_workdir_is_resolved_against_the_cwd(tmp_path, monkeypatch, config_path):
   monkeypatch.chdir(tmp_path)
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "prefix_sharing.py"), "--config.smoke=True",
+  code = main(["jaxinfer", "run", "--config", config_path("prefix_sharing"), "--config.smoke=True",
                "--config.workdir=rel/ps", "--config.engine_decode.enabled=False", "--config.ttft.enabled=False"])
   assert code == 0
   assert (tmp_path / "rel" / "ps" / "default" / "results.md").is_file()

@@ -31,12 +31,10 @@ def test_serving_smoke(run_experiment):
   assert (ran.dir / "serving.png").is_file() and (ran.dir / "serving_occupancy.png").is_file()
 
 
-def test_serving_field_errors_name_the_field(capsys, tmp_path):
+def test_serving_field_errors_name_the_field(capsys, tmp_path, config_path):
   from jaxinfer.cli import main
 
-  from tests.experiments.conftest import EXPERIMENTS
-
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "serving.py"), f"--config.workdir={tmp_path}",
+  code = main(["jaxinfer", "run", "--config", config_path("serving"), f"--config.workdir={tmp_path}",
                "--config.serving.modes=('static','greedy')"])
   assert code == 2
   assert "serving.modes: choose from" in capsys.readouterr().err

@@ -5,7 +5,6 @@ import json
 import math
 
 from jaxinfer.cli import main
-from tests.experiments.conftest import EXPERIMENTS
 
 # quickstart's smoke setting: the model, data and run of experiments/tiny.py, shorter
 SMOKE = ("--config.model.vocab_size=512", "--config.model.hidden_size=64", "--config.model.intermediate_size=176",
@@ -16,9 +15,9 @@ SMOKE = ("--config.model.vocab_size=512", "--config.model.hidden_size=64", "--co
          "--config.train.export_hf=False", "--config.train.sample_prompts=()", "--config.train.progress=False")
 
 
-def test_quickstart_through_jaxinfer_run(tmp_path):
+def test_quickstart_through_jaxinfer_run(tmp_path, config_path):
   workdir = tmp_path / "qs"
-  code = main(["jaxinfer", "run", "--config", str(EXPERIMENTS / "quickstart.py"), f"--config.workdir={workdir}",
+  code = main(["jaxinfer", "run", "--config", config_path("quickstart"), f"--config.workdir={workdir}",
                f"--config.data.cache_dir={tmp_path / 'cache'}", *SMOKE])
   assert code == 0
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
