@@ -12,8 +12,10 @@ import logging
 import sys
 
 SUBCOMMANDS = {
+    "bench": "jaxinfer.commands.bench",
     "generate": "jaxinfer.commands.generate",
     "run": "jaxinfer.commands.run",
+    "serve": "jaxinfer.commands.serve",
     "train": "jaxinfer.commands.train",
 }
 

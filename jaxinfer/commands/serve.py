@@ -1,0 +1,42 @@
+"""`jaxinfer serve`: an OpenAI-compatible HTTP server on jaxinfer.Engine (docs/serving.md).
+
+  jaxinfer serve --config experiments/serve.py [--config.serve.checkpoint=DIR] [--config.serve.port=8000]
+                 [--config.engine.max_batch_size=16 --config.engine.chunked_prefill=False ...]
+
+Reads the `serve` section (jaxinfer.serve.config.ServeConfig) and the `engine` section (EngineConfig).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from jaxinfer.config import from_section, resolve_paths
+from jaxinfer.engine.config import EngineConfig
+
+log = logging.getLogger("jaxinfer.serve")
+
+
+def load(config):
+  """(ServeConfig, EngineConfig section values) of a config, paths of `serve` made absolute."""
+  from jaxinfer.serve.config import ServeConfig
+
+  if "serve" in config:
+    resolve_paths(ServeConfig, config.serve, "serve")  # not in jaxinfer.config.SECTIONS: resolved here
+  serve = from_section(ServeConfig, config.get("serve", {}), "serve")
+  engine = from_section(EngineConfig, config.get("engine", {}), "engine")
+  return serve, engine
+
+
+def run(config):
+  logging.getLogger("jax").setLevel(logging.WARNING)
+  serve, engine_config = load(config)
+  from jaxinfer.serve import model_source, server
+
+  served = model_source.load_served_model(serve, seed=config.get("seed", 0))
+  print(f"jaxinfer serve: serving {served.name!r}: {served.describe}", flush=True)
+  serving = server.create(served, engine_config, max_queue=serve.max_queue, warmup=serve.warmup)
+  ec = serving.engine_config
+  print(f"jaxinfer serve: engine max_batch_size={ec.max_batch_size} max_step_tokens={ec.max_step_tokens} "
+        f"max_model_len={ec.max_model_len} chunked_prefill={ec.chunked_prefill} pages={ec.num_pages}x{ec.page_size};"
+        f" http://{serve.host}:{serve.port}/v1", flush=True)
+  server.serve_forever(serving, serve.host, serve.port, serve.drain_timeout_s)
