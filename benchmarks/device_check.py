@@ -235,7 +235,8 @@ def section_kernels(args, out_dir, timeout_s, env):
 def section_attention(args, out_dir, timeout_s, env):
   path = os.path.join(out_dir, "attention.json")
   cmd = [sys.executable, os.path.join(HERE, "attention.py"), "--quick", "--out", path]
-  cmd += ["--small", "--seqs", "128", "--tokens", "128", "--iters", "2"] if args.cpu else ["--reference-max-seq", "1024"]
+  cpu_sizes = ["--small", "--seqs", "128", "--tokens", "128", "--iters", "2"]
+  cmd += cpu_sizes if args.cpu else ["--reference-max-seq", "1024"]
   res = _subprocess(cmd, timeout_s, env)
   data = _read_json(path)
   res["file"] = "attention.json" if data else None
@@ -253,8 +254,9 @@ def section_decode(args, out_dir, timeout_s, env):
   data = _read_json(path)
   res["file"] = "decode_attention.json" if data else None
   res["copy_bandwidth_gb_per_s"] = (data or {}).get("copy_bandwidth_gb_per_s")
-  res["rows"] = [{k: r.get(k) for k in ("op", "impl", "batch", "kv_len", "time_ms", "kv_gb_per_s", "fraction_of_copy_bw",
-                                        "speedup_vs_xla", "max_rel_err_vs_baseline", "error")}
+  keys = ("op", "impl", "batch", "kv_len", "time_ms", "kv_gb_per_s", "fraction_of_copy_bw", "speedup_vs_xla",
+          "max_rel_err_vs_baseline", "error")
+  res["rows"] = [{k: r.get(k) for k in keys}
                  for r in (data or {}).get("rows", [])]
   return res
 

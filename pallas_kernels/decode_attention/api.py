@@ -3,7 +3,7 @@ argument checks.
 
 Each implementation module exposes `decode_attention(q, k, v, kv_lens, **same keywords, interpret=...)` (plus
 its own block-size keywords, reachable by calling the module directly) and `unavailable_reason(interpret)`.
-Adding an implementation is one line in `IMPLEMENTATIONS`.
+Adding an implementation is one entry in the modules table of `IMPLEMENTATIONS` (see pallas_kernels.op).
 """
 
 from __future__ import annotations

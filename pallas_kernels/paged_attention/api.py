@@ -2,7 +2,8 @@
 (pallas_kernels.op.Op, one table for both entries).
 
 Each implementation module exposes both functions (same keywords plus its own block-size keywords, reachable
-by calling the module directly) and `unavailable_reason(interpret)`. Adding one is a line in IMPLEMENTATIONS.
+by calling the module directly) and `unavailable_reason(interpret)`. Adding one is an entry in the modules
+table of IMPLEMENTATIONS (see pallas_kernels.op).
 """
 
 from __future__ import annotations
