@@ -1,6 +1,16 @@
-"""Small NNX layers whose parameters carry logical axis names (mapped onto mesh axes by parallel.sharding)."""
+"""Small NNX layers whose parameters carry logical axis names (mapped onto mesh axes by parallel.sharding).
+
+The quantized-linear seam: every projection is a `Linear`, and a Linear's `kernel` is either a float
+nnx.Param [in, out] or a quantized weight (jaxinfer.quant.weights: any NNX module with
+`matmul(x, dtype) -> y` and `dequantized() -> [in, out]`). `Linear.__call__` is the one path both take, so
+the model code is the same for every quantization method. `observe_linear_inputs` lets calibration see
+every Linear's input (eagerly, outside jit).
+"""
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import jax
 import jax.numpy as jnp
@@ -13,8 +23,28 @@ def logical_param(rngs: nnx.Rngs | None, init, shape, dtype, axes: tuple[str | N
   return nnx.Param(init(key, shape, dtype), logical_axes=axes)
 
 
+_OBSERVER: contextvars.ContextVar = contextvars.ContextVar("linear_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_linear_inputs(observer):
+  """Within the block, every Linear call first runs observer(linear_module, x) (calibration statistics)."""
+  token = _OBSERVER.set(observer)
+  try:
+    yield
+  finally:
+    _OBSERVER.reset(token)
+
+
+def linear_matmul(x, kernel, dtype):
+  """x @ kernel in `dtype`: a float Param, or a quantized weight's own matmul (the one seam)."""
+  if isinstance(kernel, nnx.Variable):
+    return jnp.dot(x.astype(dtype), kernel[...].astype(dtype))
+  return kernel.matmul(x.astype(dtype), dtype)
+
+
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of a torch Linear weight)."""
+  """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of a torch Linear weight), float or quantized."""
 
   def __init__(self, in_features, out_features, *, axes, use_bias, param_dtype, dtype, init_std, rngs):
     self.kernel = logical_param(rngs, nnx.initializers.normal(init_std), (in_features, out_features),
@@ -24,7 +54,10 @@ class Linear(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x):
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    observer = _OBSERVER.get()
+    if observer is not None:
+      observer(self, x)
+    y = linear_matmul(x, self.kernel, self.dtype)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
