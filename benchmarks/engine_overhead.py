@@ -9,7 +9,7 @@ Workload: `batch` prompts of `prompt_len` random tokens, greedy, `new_tokens` ne
 - engine: the same prompts through Engine.run's step loop; the clock starts once every request has its first
   token (prefill done) and stops when all have finished: pure decode steps. Host time per step = the
   engine's own schedule + build + process seconds (stats["host_seconds"]) per step in that window.
-Each number is the best of `--repeats` runs after a warm-up run that compiles every program used.
+Each number is the best of `--repeats` interleaved rounds after a warm-up run that compiles every program used.
 """
 
 from __future__ import annotations
@@ -37,19 +37,10 @@ QUICK = dict(model=dict(vocab_size=256, hidden_size=64, intermediate_size=128, n
                         num_kv_heads=2, max_position_embeddings=128), prompt_len=8, new_tokens=16, batches=(1, 4))
 
 
-def _generate_decode_rate(model, prompts, new, repeats):
-  def timed(n):
-    best = float("inf")
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jaxinfer.generate(model, prompts, n)
-      best = min(best, time.perf_counter() - start)
-    return best
-
-  jaxinfer.generate(model, prompts, new)  # compile both programs
-  jaxinfer.generate(model, prompts, 1)
-  full, first = timed(new), timed(1)
-  return len(prompts) * (new - 1) / max(full - first, 1e-9)
+def _time_generate(model, prompts, n):
+  start = time.perf_counter()
+  jaxinfer.generate(model, prompts, n)
+  return time.perf_counter() - start
 
 
 def _engine(model, batch, prompt_len, new, async_on):
@@ -77,6 +68,8 @@ def _engine_decode(engine, prompts, new):
 
 
 def run(sizes, repeats: int = 2):
+  """Per batch size: warm every program, then `repeats` interleaved rounds (generate, engine async, engine
+  sync), keeping the best of each, so that load drifting on a shared machine hits all of them alike."""
   cfg = jaxinfer.ModelConfig(**sizes["model"])
   model = jaxinfer.init_model(cfg, seed=0)
   rng = np.random.default_rng(0)
@@ -84,18 +77,25 @@ def run(sizes, repeats: int = 2):
   rows = []
   for batch in sizes["batches"]:
     prompts = [rng.integers(0, cfg.vocab_size, size=plen).tolist() for _ in range(batch)]
-    gen = _generate_decode_rate(model, prompts, new, repeats)
-    row = dict(batch=batch, generate_tok_s=gen)
-    for async_on in (True, False):
-      engine = _engine(model, batch, plen, new, async_on)
-      engine.run(prompts, max_new_tokens=new, progress=False)  # warm-up: compiles every program used
-      best = None
-      for _ in range(repeats):
+    engines = {mode: _engine(model, batch, plen, new, mode) for mode in (True, False)}
+    _time_generate(model, prompts, new)  # warm-up: compiles every program used
+    _time_generate(model, prompts, 1)
+    for engine in engines.values():
+      engine.run(prompts, max_new_tokens=new, progress=False)
+    full = first = float("inf")
+    best = {True: None, False: None}
+    for _ in range(repeats):
+      full = min(full, _time_generate(model, prompts, new))
+      first = min(first, _time_generate(model, prompts, 1))
+      for mode, engine in engines.items():
         result = _engine_decode(engine, prompts, new)
-        if best is None or result[0] > best[0]:
-          best = result
-      key = "async" if async_on else "sync"
-      row[f"engine_{key}_tok_s"], row[f"host_ms_per_step_{key}"], row[f"steps_{key}"] = best
+        if best[mode] is None or result[0] > best[mode][0]:
+          best[mode] = result
+    gen = batch * (new - 1) / max(full - first, 1e-9)
+    row = dict(batch=batch, generate_tok_s=gen)
+    for mode, engine in engines.items():
+      key = "async" if mode else "sync"
+      row[f"engine_{key}_tok_s"], row[f"host_ms_per_step_{key}"], row[f"steps_{key}"] = best[mode]
       assert engine.check_pages()["in_use"] == 0
     row["engine_vs_generate"] = row["engine_async_tok_s"] / gen
     row["async_vs_sync"] = row["engine_async_tok_s"] / row["engine_sync_tok_s"]
@@ -114,7 +114,7 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny sizes (seconds), for device-check scripts")
   parser.add_argument("--json", default=None, help="write the numbers to this JSON file")
-  parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--repeats", type=int, default=3)
   args = parser.parse_args(argv)
   sizes = QUICK if args.quick else FULL
   try:

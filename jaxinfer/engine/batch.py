@@ -125,6 +125,7 @@ class BuiltStep:
   table_update: TableUpdate | None
   num_tokens: int
   shape: tuple[int, int, int, int]
+  decode_only: bool = False  # one token per sequence at row s, no prefix groups: the decode-kernel program
 
 
 class BatchBuilder:
@@ -156,26 +157,28 @@ class BatchBuilder:
   # ------------------------------------------------------------------ shapes
   @property
   def max_programs(self) -> int:
-    """Upper bound on distinct (T, S, R, G) step shapes."""
-    t = len(self.token_buckets) + (1 if self.decode_buckets else 0)
+    """Upper bound on the step programs: (T, S, R, G) shapes, plus one decode-only program per sequence
+    bucket when decode-only steps are padded to their sequence bucket."""
     r = 1 + len(self.row_buckets)
-    return t * len(self.seq_buckets) * r * len(self.group_buckets)
+    mixed = len(self.token_buckets) * len(self.seq_buckets) * r * len(self.group_buckets)
+    return mixed + (len(self.seq_buckets) if self.decode_buckets else 0)
 
   def all_shapes(self):
-    """Every (T, S, R, G) shape a step can take (for warmup)."""
+    """Every ((T, S, R, G), decode_only) program a step can take (for warmup)."""
     for s in self.seq_buckets:
-      ts = list(self.token_buckets) + ([s] if self.decode_buckets and s not in self.token_buckets else [])
-      for t in ts:
+      for t in self.token_buckets:
         for r in (s,) + tuple(b for b in self.row_buckets if b > s):
           for g in self.group_buckets:
-            yield t, s, r, g
+            yield (t, s, r, g), False
+      if self.decode_buckets:
+        yield (s, s, s, 0), True
 
   def step_shape(self, schedule: Schedule) -> tuple[int, int, int, int]:
     seqs = schedule.seqs
     s_pad = pick_bucket(len(seqs), self.seq_buckets)
     n_tokens = schedule.num_tokens
-    if self.decode_buckets and n_tokens == len(seqs):
-      t_pad = s_pad  # decode only: no prefill-sized padding
+    if self.decode_buckets and n_tokens == len(seqs) and not schedule.groups:
+      t_pad = s_pad  # decode only: no prefill-sized padding (its own program, the decode kernel)
     else:
       t_pad = pick_bucket(n_tokens, self.token_buckets)
     rows = sum(s.num_samples for s in seqs)
@@ -268,4 +271,5 @@ class BatchBuilder:
       a.group_rows[g, :group.num_seqs] = a.cu_q_lens[members]
       a.seq_prefix_lens[members] = prefix
     b = b.replace(attn=a.replace(num_seqs=np.int32(len(seqs))))
-    return BuiltStep(b, seqs, sample_rows, table_update, offset, shape)
+    decode_only = self.decode_buckets and offset == len(seqs) and not schedule.groups
+    return BuiltStep(b, seqs, sample_rows, table_update, offset, shape, decode_only)

@@ -275,7 +275,7 @@ class Engine:
       return None
     built = self.builder.build(schedule, self._prev_rows)
     compile_before = self.runner.compile_seconds
-    self.runner.maybe_compile_apart(built.shape, self.pages_per_seq)
+    self.runner.maybe_compile_apart(built.shape, self.pages_per_seq, built.decode_only)
     self.stats["compile_seconds"] = self.runner.compile_seconds
     want_logprobs = any(s.num_samples and s.request.sampling.logprobs for s in seqs)
     ps = self.page_size
@@ -338,8 +338,8 @@ class Engine:
     sampled is used). Returns how many programs were new."""
     self._drain()
     before = step_lib.compilation_count()
-    for shape in self.builder.all_shapes():
-      self.runner.run_empty(shape, self.pages_per_seq)
+    for shape, decode_only in self.builder.all_shapes():
+      self.runner.run_empty(shape, self.pages_per_seq, decode_only)
     return step_lib.compilation_count() - before
 
   # ------------------------------------------------------------------ drivers

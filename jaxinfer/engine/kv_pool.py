@@ -4,7 +4,8 @@ Storage only: where a step reads and writes is the step's AttentionMetadata (jax
 the pool's business. Per layer the pool holds k and v pages [num_pages, page_size, kv_heads, head_dim] in
 `dtype` (EngineConfig.kv_dtype, default the model's dtype), and optionally
   - k_scales / v_scales: per-layer scale arrays for a quantized pool (None for this full-precision pool; a
-    quantized pool is a new class overriding `store` and `load`, nothing else changes), and
+    quantized pool fills them and replaces the one write, `store` below, and the one read, in
+    PagedKVCache.attend; nothing else changes), and
   - positions [num_pages * page_size] int32: the token position each slot holds (-1: never written), kept
     only when a KV policy needs it (EngineConfig.track_slot_positions): a policy that compacts or drops slots
     reads it instead of assuming slot = page_table[pos // page_size] * page_size + pos % page_size.

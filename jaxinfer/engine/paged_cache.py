@@ -58,6 +58,9 @@ class PagedKVCache:
   group_table: jax.Array | None = None  # [groups, pages_per_seq] int32: the group's prefix pages
   group_lens: jax.Array | None = None  # [groups] int32: prefix tokens (a page multiple; 0: unused group)
   seq_prefix_lens: jax.Array | None = None  # [max_seqs] int32: prefix tokens its group covers (0: none)
+  # every sequence has exactly one new token at row s (a decode-only step): the decode kernel
+  # (pallas_kernels.paged_attention, one query per sequence) replaces the ragged one
+  decode_only: bool = struct.field(pytree_node=False, default=False)
   attention_impl: str | None = struct.field(pytree_node=False, default=None)
   prefix_impl: str | None = struct.field(pytree_node=False, default=None)
   interpret: bool = struct.field(pytree_node=False, default=False)
@@ -102,7 +105,11 @@ class PagedKVCache:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
     kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k[0], v[0])
-    if self.group_table is None:
+    if self.group_table is None and self.decode_only:
+      out = pallas_kernels.paged_attention(
+          q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens,
+          sliding_window=sliding_window, implementation=self.attention_impl, interpret=self.interpret)
+    elif self.group_table is None:
       out = pallas_kernels.ragged_paged_attention(
           q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,
           self.num_seqs, sliding_window=sliding_window, implementation=self.attention_impl,

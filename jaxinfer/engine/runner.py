@@ -32,14 +32,16 @@ def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
   return step_lib.engine_step(graphdef, jax.tree.unflatten(state_def, state_leaves), *args, **kwargs)
 
 
-def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool):
+def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool,
+                 decode_only: bool):
   """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
   only the flat list of parameter arrays, so no step walks the NNX state either)."""
-  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret)
+  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only)
   fn = _JITTED.get(key)
   if fn is None:
     fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
-                                   attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret),
+                                   attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret,
+                                   decode_only=decode_only),
                  donate_argnums=(1,))
     _JITTED[key] = fn
   return fn
@@ -74,8 +76,9 @@ class ModelRunner:
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
-    self._step = _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
-                              cfg.interpret)
+    # decode-only steps (one token per sequence, no prefix groups) have programs of their own (decode kernel)
+    self._steps = {flag: _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
+                                      cfg.interpret, flag) for flag in (False, True)}
     self.copy_buckets = buckets(1, cfg.max_batch_size)
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0
@@ -101,28 +104,29 @@ class ModelRunner:
     self.pool = _copy_pages(self.pool, src, dst)
 
   # ------------------------------------------------------------------ steps
-  def run_empty(self, shape, pages_per_seq: int) -> None:
+  def run_empty(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
     """Compiles (and runs) the program of one step shape on a batch of padding: nothing is written."""
     batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots)
-    sampled, _, self.pool = self._step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch)
+    step = self._steps[decode_only]
+    sampled, _, self.pool = step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch)
     sampled.block_until_ready()
 
-  def maybe_compile_apart(self, shape, pages_per_seq: int) -> None:
+  def maybe_compile_apart(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
     """separate_compile: the first step of each shape is compiled in an empty step, timed apart."""
-    if shape in self._shapes_seen:
+    if (shape, decode_only) in self._shapes_seen:
       return
-    self._shapes_seen.add(shape)
+    self._shapes_seen.add((shape, decode_only))
     if self.cfg.separate_compile:
       start = time.perf_counter()
-      self.run_empty(shape, pages_per_seq)
+      self.run_empty(shape, pages_per_seq, decode_only)
       self.compile_seconds += time.perf_counter() - start
 
   def dispatch(self, built: BuiltStep, copies, want_logprobs: bool) -> InFlight:
     if copies:
       self.copy_pages(copies)
     self.apply_table_update(built.table_update)
-    sampled, logprobs, self.pool = self._step(self.state_leaves, self.pool, self.table, self.prev_sampled,
-                                              built.batch)
+    step = self._steps[built.decode_only]
+    sampled, logprobs, self.pool = step(self.state_leaves, self.pool, self.table, self.prev_sampled, built.batch)
     self.prev_sampled = sampled
     sampled.copy_to_host_async()
     if want_logprobs:

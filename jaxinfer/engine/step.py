@@ -38,11 +38,11 @@ def compilation_count() -> int:
 
 
 def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, *, max_rows: int,
-                attention_impl=None, prefix_impl=None, interpret=False):
+                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False):
   _compilations["count"] += 1  # runs at trace time only
   t, s, r, g = batch.shape
-  log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s)", _compilations["count"],
-           t, s, r, f", prefix groups={g}" if g else "")
+  log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s%s)", _compilations["count"],
+           t, s, r, f", prefix groups={g}" if g else "", ", decode only" if decode_only else "")
   model = nnx.merge(graphdef, state)
   a, sm = batch.attn, batch.sampling
   tokens = jnp.where(batch.prev_index >= 0, prev_sampled[jnp.maximum(batch.prev_index, 0)], batch.tokens)
@@ -50,7 +50,7 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
                        cu_q_lens=a.cu_q_lens, num_seqs=a.num_seqs, slots=a.slot_mapping,
                        group_rows=a.group_rows, group_table=a.group_table, group_lens=a.group_lens,
                        seq_prefix_lens=a.seq_prefix_lens, attention_impl=attention_impl, prefix_impl=prefix_impl,
-                       interpret=interpret)
+                       interpret=interpret, decode_only=decode_only)
   seq, valid = token_sequence(a.cu_q_lens, a.num_seqs, t)
   segment_ids = jnp.where(valid, seq, -1)[None]
   hidden, cache = model(tokens[None], a.positions[None], segment_ids, cache, return_hidden=True)
