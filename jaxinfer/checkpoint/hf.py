@@ -1,4 +1,9 @@
-"""Hugging Face interchange in safetensors (never pickle): config.json + model.safetensors (or a sharded index)."""
+"""Hugging Face interchange in safetensors (never pickle): config.json + model.safetensors (or a sharded index).
+
+GPTQ checkpoints (config.json `quantization_config` with quant_method "gptq", the AutoGPTQ / GPTQModel layout of
+jaxinfer/quant/gptq_format.py) load into Linear layers with quantized kernels; save_hf writes that layout for
+models quantized group-wise to 4 or 8 bits (jaxinfer.quantize with "rtn", "gptq" or "int8").
+"""
 
 from __future__ import annotations
 
@@ -95,11 +100,14 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
   ckpt_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
   dtype = dtype or (ckpt_dtype if ckpt_dtype in ("float32", "bfloat16", "float16") else "float32")
   cfg = read_config(path, **{"param_dtype": dtype, "dtype": dtype, **config_overrides})
+  gptq = _gptq_settings(hf, path)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   files = _weight_files(path)
   params = _flat_params(state)
-  expected = {hf_name(p)[0] for p in params}
+  quantized = _quantized_kernels(params, files) if gptq else {}
+  params = {p: v for p, v in params.items() if p not in quantized}
+  expected = {hf_name(p)[0] for p in params} | {f"{prefix}.{t}" for prefix in quantized.values() for t in GPTQ_TENSORS}
   missing = sorted(expected - set(files))
   if missing:
     raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
@@ -133,29 +141,121 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
         raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
       array = jnp.asarray(array.T if transposed else array, dtype=var.get_value().dtype)
       var.set_value(array)
+    model = nnx.merge(graphdef, state)
+    _load_quantized(model, quantized, files, gptq, path)
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
-  return nnx.merge(graphdef, state)
+  return model
+
+
+# ------------------------------------------------------------------------------------------ GPTQ
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _gptq_settings(hf: dict, path: Path) -> dict | None:
+  """The checked quantization_config of a GPTQ checkpoint (None for a float one)."""
+  if "quantization_config" not in hf:
+    return None
+  from jaxinfer.quant.gptq_format import GPTQFormatError, read_quantization_config
+
+  try:
+    return read_quantization_config(hf["quantization_config"], str(path / CONFIG_FILE))
+  except GPTQFormatError as e:
+    raise CheckpointError(str(e)) from None
+
+
+def _quantized_kernels(params, files) -> dict[tuple, str]:
+  """Kernel state path -> HF prefix, for every Linear kernel stored as GPTQ tensors (prefix.qweight present)."""
+  out = {}
+  for p in params:
+    name, transposed = hf_name(p)
+    prefix = name[:-len(".weight")]
+    if transposed and f"{prefix}.qweight" in files:
+      out[p] = prefix
+  return out
+
+
+def _load_quantized(model, quantized: dict[tuple, str], files, gptq: dict, path: Path) -> None:
+  from jaxinfer.quant.gptq_format import GPTQFormatError, from_tensors
+
+  for p, prefix in quantized.items():
+    linear = _module_at(model, p[:-1])
+    var = linear.kernel
+    rows, out = var.get_value().shape
+    tensors = {}
+    for t in GPTQ_TENSORS:
+      name = f"{prefix}.{t}"
+      if not files[name].is_file():
+        raise CheckpointError(f"{files[name]}: shard listed in {INDEX_FILE} does not exist")
+      try:
+        with safe_open(files[name], framework="numpy") as f:
+          tensors[t] = f.get_tensor(name)
+      except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
+    try:
+      linear.kernel = from_tensors(tensors, rows=rows, out=out, cfg=gptq, prefix=prefix,
+                                   axes=var.get_metadata().get("logical_axes", (None, None)))
+    except GPTQFormatError as e:
+      raise CheckpointError(f"{path}: {e}") from None
+
+
+def _module_at(model, path: tuple):
+  module = model
+  for part in path:
+    module = module[part] if isinstance(part, int) else getattr(module, part)
+  return module
+
+
+def _quantized_linears(model) -> dict[tuple, object]:
+  """Kernel path -> quantized weight module, for every Linear whose kernel is not a float Param."""
+  from jaxinfer.models.layers import Linear
+
+  return {tuple(p) + ("kernel",): m.kernel for p, m in nnx.iter_modules(model)
+          if isinstance(m, Linear) and not isinstance(m.kernel, nnx.Variable)}
 
 
 # ------------------------------------------------------------------------------------------ saving
+def _gptq_tensors(quantized: dict[tuple, object], hf_config: dict) -> dict:
+  """The GPTQ tensors of every quantized linear (named as transformers names the float ones), and
+  quantization_config added to hf_config; ConfigError naming the layer when the model has no GPTQ layout."""
+  from jaxinfer.quant import gptq_format as G
+
+  names = {p: hf_name(p)[0][:-len(".weight")] for p in quantized}
+  try:
+    bits, group_size, sym, desc_act = G.model_settings({names[p]: k for p, k in quantized.items()})
+    fmt = G.choose_format(quantized.values())
+    tensors = {}
+    for p, kernel in quantized.items():
+      for t, value in G.to_tensors(kernel, fmt).items():
+        tensors[f"{names[p]}.{t}"] = jnp.asarray(value)
+  except G.GPTQFormatError as e:
+    raise ConfigError(str(e) if str(e).startswith("save_hf") else f"save_hf: {e}") from None
+  hf_config["quantization_config"] = G.quantization_config(bits, group_size, sym, desc_act, fmt)
+  return tensors
+
+
 def save_hf(model: Transformer, path: str | os.PathLike) -> Path:
-  """Writes config.json + model.safetensors that transformers' from_pretrained loads."""
+  """Writes config.json + model.safetensors that transformers' from_pretrained loads (a quantized model: the GPTQ
+  layout, with quantization_config in config.json and no float .weight beside the quantized tensors)."""
   cfg: ModelConfig = model.config
   try:
     cfg.check_supported_combination()
   except ConfigError as e:
     raise ConfigError(f"save_hf: {e}") from e
+  quantized = _quantized_linears(model)
+  hf_config = cfg.to_hf()
+  tensors = _gptq_tensors(quantized, hf_config) if quantized else {}
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  tensors = {}
   for p, var in _flat_params(model).items():
+    if any(p[:len(q)] == q for q in quantized):
+      continue
     name, transposed = hf_name(p)
     value = jax.device_get(var.get_value())
     tensors[name] = jnp.asarray(np.ascontiguousarray(value.T if transposed else value))
   write_atomic(path / WEIGHTS_FILE, lambda tmp: safetensors.flax.save_file(tensors, tmp, metadata={"format": "pt"}))
-  config_text = json.dumps(cfg.to_hf(), indent=2, sort_keys=True)
+  config_text = json.dumps(hf_config, indent=2, sort_keys=True)
   write_atomic(path / CONFIG_FILE, lambda tmp: Path(tmp).write_text(config_text))
   stale_index = path / INDEX_FILE
   if stale_index.exists():

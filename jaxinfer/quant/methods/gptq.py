@@ -71,6 +71,16 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, *, bits: int, group_size: int,
   return codes.T, np.stack(scales), np.stack(zeros), perm
 
 
+def canonical_order(codes: np.ndarray, perm: np.ndarray | None, group_size: int):
+  """Rows of each group sorted by input index (the order a checkpoint's g_idx gives back on loading, so a saved
+  act-order model reloads with the same summation order): (codes, perm); None stays None."""
+  if perm is None:
+    return codes, None
+  order = np.concatenate([np.argsort(perm[g:g + group_size], kind="stable") + g
+                          for g in range(0, perm.size, group_size)])
+  return codes[order], perm[order]
+
+
 def quantize_kernel(kernel, cfg, *, hessian, axes, path):
   if hessian is None:
     raise ValueError(f"{path}: method 'gptq' needs the layer's input Hessian (pass calibration batches)")
@@ -78,5 +88,6 @@ def quantize_kernel(kernel, cfg, *, hessian, axes, path):
   codes, scales, zeros, perm = gptq(kernel.T, hessian, bits=cfg.bits, group_size=gs, sym=cfg.sym,
                                     act_order=cfg.act_order, damp=cfg.damp, block_size=cfg.block_size,
                                     scale_dtype=cfg.scale_dtype)
+  codes, perm = canonical_order(codes, perm, gs)
   return GroupQuantizedKernel(codes, scales, zeros, bits=cfg.bits, group_size=gs, method=NAME, axes=axes, perm=perm,
                               scale_dtype=cfg.scale_dtype, implementation=cfg.implementation, sym=cfg.sym)
