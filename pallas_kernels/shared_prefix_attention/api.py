@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from pallas_kernels import validation as V
 from pallas_kernels.op import Op
 
@@ -31,28 +29,18 @@ def available_implementations(interpret=False) -> list[str]:
 
 
 def _validate(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens):
-  if q.ndim != 3:
-    raise ValueError(f"q must be [batch, q_heads, head_dim] (one decode token per sequence), got {q.shape}")
-  if prefix_k.ndim != 3 or prefix_v.shape != prefix_k.shape:
-    raise ValueError(f"prefix_k/prefix_v must both be [prefix_len, kv_heads, head_dim], got {prefix_k.shape} "
-                     f"and {prefix_v.shape}")
-  if suffix_k.ndim != 4 or suffix_v.shape != suffix_k.shape:
-    raise ValueError(f"suffix_k/suffix_v must both be [batch, max_suffix, kv_heads, head_dim], got "
-                     f"{suffix_k.shape} and {suffix_v.shape}")
-  batch, q_heads, d = q.shape
-  kv_heads = prefix_k.shape[1]
-  if prefix_k.shape[2] != d or suffix_k.shape[3] != d:
-    raise ValueError(f"head_dim mismatch: q {d}, prefix_k {prefix_k.shape[2]}, suffix_k {suffix_k.shape[3]}")
-  if suffix_k.shape[2] != kv_heads or q_heads % kv_heads:
-    raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads (prefix {kv_heads}, suffix "
-                     f"{suffix_k.shape[2]})")
-  if suffix_k.shape[0] != batch or suffix_lens.shape != (batch,):
-    raise ValueError(f"suffix_k batch {suffix_k.shape[0]} / suffix_lens shape {suffix_lens.shape} do not match "
-                     f"q batch {batch}")
-  if not (q.dtype == prefix_k.dtype == prefix_v.dtype == suffix_k.dtype == suffix_v.dtype):
-    raise ValueError("q, prefix_k, prefix_v, suffix_k and suffix_v must share one dtype")
-  if not jnp.issubdtype(suffix_lens.dtype, jnp.integer):
-    raise ValueError(f"suffix_lens must be integer, got {suffix_lens.dtype}")
+  V.check_array(q, "q", 3, "[batch, q_heads, head_dim] (one decode token per sequence)", floating=True)
+  V.check_array(prefix_k, "prefix_k", 3, "[prefix_len, kv_heads, head_dim]", floating=True)
+  V.check_qkv(q, prefix_k, prefix_v, k_name="prefix_k", v_name="prefix_v")
+  V.check_array(suffix_k, "suffix_k", 4, "[batch, max_suffix, kv_heads, head_dim]", floating=True)
+  V.check_qkv(q, suffix_k, suffix_v, k_name="suffix_k", v_name="suffix_v")
+  batch = q.shape[0]
+  if suffix_k.shape[2] != prefix_k.shape[1]:
+    raise ValueError(f"suffix_k kv_heads {suffix_k.shape[2]} does not match prefix_k kv_heads {prefix_k.shape[1]}")
+  if suffix_k.shape[0] != batch:
+    raise ValueError(f"suffix_k batch {suffix_k.shape[0]} does not match q batch {batch}")
+  V.check_array(suffix_lens, "suffix_lens", 1, "[batch]", integer=True)
+  V.check_shape(suffix_lens, "suffix_lens", (batch,), "[batch]")
 
 
 def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_lens, *, sm_scale=None,
@@ -73,31 +61,21 @@ def shared_prefix_attention(q, prefix_k, prefix_v, suffix_k, suffix_v, suffix_le
 
 
 def _validate_paged(q, k_pages, v_pages, prefix_page_table, prefix_lens, q_positions, sliding_window):
-  if q.ndim != 4:
-    raise ValueError(f"q must be [groups, rows, q_heads, head_dim], got shape {q.shape}")
-  if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
-    raise ValueError(f"k_pages/v_pages must both be [num_pages, page_size, kv_heads, head_dim], got "
-                     f"{k_pages.shape} and {v_pages.shape}")
-  groups, rows, q_heads, d = q.shape
-  if k_pages.shape[3] != d:
-    raise ValueError(f"head_dim mismatch: q {d}, k_pages {k_pages.shape[3]}")
-  if q_heads % k_pages.shape[2]:
-    raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({k_pages.shape[2]})")
-  if not (q.dtype == k_pages.dtype == v_pages.dtype):
-    raise ValueError(f"q, k_pages and v_pages must share one dtype, got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
-  if prefix_page_table.ndim != 2 or prefix_page_table.shape[0] != groups or prefix_page_table.shape[1] < 1:
+  V.check_array(q, "q", 4, "[groups, rows, q_heads, head_dim]", floating=True)
+  V.check_array(k_pages, "k_pages", 4, "[num_pages, page_size, kv_heads, head_dim]", floating=True)
+  V.check_qkv(q, k_pages, v_pages, k_name="k_pages", v_name="v_pages")
+  groups, rows = q.shape[:2]
+  V.check_array(prefix_page_table, "prefix_page_table", 2, "[groups, max_prefix_pages]", integer=True)
+  if prefix_page_table.shape[0] != groups or prefix_page_table.shape[1] < 1:
     raise ValueError(f"prefix_page_table must be [groups={groups}, max_prefix_pages >= 1], got "
-                     f"{prefix_page_table.shape}")
-  if not jnp.issubdtype(prefix_page_table.dtype, jnp.integer):
-    raise ValueError(f"prefix_page_table must be integer, got {prefix_page_table.dtype}")
-  if prefix_lens.shape != (groups,) or not jnp.issubdtype(prefix_lens.dtype, jnp.integer):
-    raise ValueError(f"prefix_lens must be an integer array of shape ({groups},), got {prefix_lens.dtype} "
-                     f"{prefix_lens.shape}")
+                     f"{tuple(prefix_page_table.shape)}")
+  V.check_array(prefix_lens, "prefix_lens", 1, "[groups]", integer=True)
+  V.check_shape(prefix_lens, "prefix_lens", (groups,), "[groups]")
   V.check_positive_int("sliding_window", sliding_window)
   if sliding_window is not None:
-    if q_positions is None or q_positions.shape != (groups, rows):
-      raise ValueError(f"sliding_window needs q_positions of shape ({groups}, {rows}), got "
-                       f"{None if q_positions is None else q_positions.shape}")
+    V.check_int_array(q_positions, "q_positions", (groups, rows), "[groups, rows] (needed by sliding_window)")
+    if q_positions is None:
+      raise ValueError(f"sliding_window needs q_positions of shape ({groups}, {rows}), got None")
 
 
 def paged_prefix_attention(q, k_pages, v_pages, prefix_page_table, prefix_lens, *, q_positions=None,
