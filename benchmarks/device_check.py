@@ -11,7 +11,7 @@ section does not stop the rest; the whole run stays under --budget-s, 450 s by d
      tests/pallas_kernels/ run with the implementation swapped in and their assert_close recorded (max
      error, bound = tol * max(1, max |expected|), pass/fail per case). Flash attention is checked forward
      and backward (dq, dk, dv, lse); split-K decode, paged and ragged paged attention, shared-prefix
-     (Hydragen) attention forward.
+     (Hydragen) attention forward; quantized_matmul when its tests are there.
   2. attention: benchmarks/attention.py --quick (flash attention fwd and fwd+bwd vs xla and cudnn).
   3. decode: benchmarks/decode_attention.py --quick (split-K decode, paged and ragged paged attention).
   4. engine: benchmarks/engine_overhead.py --quick --json (recorded "missing" if that file is absent).
@@ -111,6 +111,12 @@ def _kernel_plan(cpu: bool):
   for case, impl in itertools.product(first(tp.RAGGED_CASES), impls):
     plan.append((f"ragged_paged_attention/{case.name}/{impl}", "ragged_paged_attention", impl, tp,
                  "test_ragged_matches_reference", dict(case=case, impl=impl), "RAGGED_IMPLS"))
+  try:  # newer op folders whose tests follow the same CASES / IMPLS / test_matches_reference convention
+    import test_quantized_matmul as tq
+    plan += [(f"quantized_matmul/{case.name}/{impl}", "quantized_matmul", impl, tq, "test_matches_reference",
+              dict(case=case, impl=impl), "IMPLS") for case, impl in itertools.product(first(tq.CASES), impls)]
+  except (ImportError, AttributeError):
+    pass  # not there (yet): the other ops still run
   for name in ("test_xla_matches_reference", "test_paged_prefix_xla_matches_reference",
                "test_prefix_plus_suffix_merge_equals_ragged_paged_attention"):
     for i, kw in enumerate(first(_param_sets(getattr(ts, name)))):
@@ -124,8 +130,14 @@ def _kernel_plan(cpu: bool):
 
 
 def _public(op: str, impl: str, interpret: bool):
+  """The op's public function with the implementation fixed (ops not re-exported at the top: their folder's)."""
+  import importlib
+
   import pallas_kernels
-  return functools.partial(getattr(pallas_kernels, op), implementation=impl, interpret=interpret)
+  fn = getattr(pallas_kernels, op, None)
+  if not callable(fn):
+    fn = getattr(importlib.import_module(f"pallas_kernels.{op}"), op)
+  return functools.partial(fn, implementation=impl, interpret=interpret)
 
 
 def run_kernels(out_dir: str, cpu: bool) -> int:
