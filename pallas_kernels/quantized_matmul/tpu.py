@@ -30,11 +30,11 @@ unavailable_reason = requires_backend("tpu", NAME, interpret_mode="TPU interpret
 def _group_rows_of_tile(s_ref, z_ref, k, block_k, rows_per_group):
   """(scale, zero) for the tile's rows: [1, bn] when the tile lies in one group, else [block_k, bn]."""
   if rows_per_group >= block_k:
-    g = (k * block_k) // rows_per_group
+    g = lax.div(k * block_k, rows_per_group)  # non-negative: truncation (jnp's // lowers a sign op)
     return s_ref[pl.ds(g, 1), :].astype(jnp.float32), z_ref[pl.ds(g, 1), :].astype(jnp.float32)
   per_tile = block_k // rows_per_group
   start = pl.multiple_of(k * per_tile, per_tile)
-  row = lax.broadcasted_iota(jnp.int32, (block_k, per_tile), 0) // rows_per_group
+  row = lax.div(lax.broadcasted_iota(jnp.int32, (block_k, per_tile), 0), rows_per_group)
   onehot = (row == lax.broadcasted_iota(jnp.int32, (block_k, per_tile), 1)).astype(jnp.float32)
   spread = lambda ref: mxu_dot(onehot, ref[pl.ds(start, per_tile), :].astype(jnp.float32))  # noqa: E731
   return spread(s_ref), spread(z_ref)

@@ -20,9 +20,11 @@ def _partials(x, codes, group_rows):
   m, kc = x.shape
   g = kc // group_rows
   xg = x.reshape(m, g, group_rows)
-  cg = codes.reshape(g, group_rows, codes.shape[1]).astype(x.dtype)
-  prec = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-  dots = jnp.einsum("mgk,gkn->mgn", xg, cg, precision=prec, preferred_element_type=jnp.float32)
+  # XLA:CPU has no bf16 x bf16 -> f32 dot; there the products are formed in float32 (same values)
+  dtype = jnp.float32 if jax.default_backend() == "cpu" else x.dtype
+  cg = codes.reshape(g, group_rows, codes.shape[1]).astype(dtype)
+  prec = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+  dots = jnp.einsum("mgk,gkn->mgn", xg.astype(dtype), cg, precision=prec, preferred_element_type=jnp.float32)
   return dots, jnp.sum(xg.astype(jnp.float32), axis=-1)
 
 
