@@ -16,7 +16,7 @@ ENGINE = "--config.engine.max_batch_size=16 --config.engine.min_seq_bucket=16 --
 
 def get_config():
   bench = to_section(
-      BenchServeConfig, rates=(1.0, 2.0, 4.0), num_prompts=32, input_len=160, output_len=32, range_ratio=0.5,
+      BenchServeConfig, rates=(1.0, 3.0, 6.0), num_prompts=48, input_len=160, output_len=32, range_ratio=0.5,
       warmup_requests=2, slo_ttft_ms=2000.0, slo_tpot_ms=100.0,
       variants=(f"chunked={ENGINE} --config.engine.chunked_prefill=True --config.engine.max_step_tokens=64",
                 f"whole={ENGINE} --config.engine.chunked_prefill=False --config.engine.max_step_tokens=336"))

@@ -1,7 +1,8 @@
 """Driver of `jaxinfer bench serve --config experiments/bench_serve.py`: load over HTTP against `jaxinfer serve`.
 
 For each server variant (a name and `jaxinfer serve` overrides, e.g. chunked prefill on and off; or one
-server already running at `base_url`) and each request rate: a workload of `num_prompts` prompts (token
+server already running at `base_url`) and each request rate (rate by rate, the variants in turn, every
+server started and compiled first, so drift on a shared machine hits the variants alike): a workload of `num_prompts` prompts (token
 windows of the Python standard library's source, tokenized by the server; lengths uniform in
 [len * (1 - range_ratio), len * (1 + range_ratio)], or a JSONL file of {"prompt", "output_len"}) is sent at
 Poisson arrivals (rate = inf: all at once; `max_concurrency` caps requests in flight) by the load generator
@@ -186,23 +187,25 @@ class LaunchedServer:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def bench_one(base_url: str, cfg: BenchServeConfig, variant: str, run) -> list[dict]:
+def prepare(base_url: str, cfg: BenchServeConfig) -> tuple[str, list[Prompt]]:
+  """The model name and the workload (tokenized by this server), after the warm-up requests."""
   model, max_len = _model(base_url, cfg)
   prompts = workload(base_url, model, cfg, max_len)
   for p in prompts[:cfg.warmup_requests]:
     asyncio.run(run_load(base_url, model, [p], rate=math.inf))
-  rows = []
-  for k, rate in enumerate(cfg.rates):
-    records, duration = asyncio.run(run_load(base_url, model, prompts, float(rate), cfg.max_concurrency,
-                                             seed=cfg.seed + k))
-    summary = bench_metrics.summarize(records, duration, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.slo_e2e_ms)
-    row = dict(variant=variant, rate=float(rate), max_concurrency=cfg.max_concurrency, **summary)
-    run.log("rate", **row)
-    rows.append(row)
-    print(f"bench serve: {variant} rate {rate}: {summary['request_throughput']:.2f} req/s, "
-          f"{summary['output_throughput']:.1f} tok/s, TTFT p50 {summary['p50_ttft_ms']} ms, TPOT p99 "
-          f"{summary['p99_tpot_ms']} ms, failed {summary['failed']}", flush=True)
-  return rows
+  return model, prompts
+
+
+def bench_rate(base_url: str, model: str, prompts, cfg: BenchServeConfig, k: int, variant: str, run) -> dict:
+  rate = float(cfg.rates[k])
+  records, duration = asyncio.run(run_load(base_url, model, prompts, rate, cfg.max_concurrency, seed=cfg.seed + k))
+  summary = bench_metrics.summarize(records, duration, cfg.slo_ttft_ms, cfg.slo_tpot_ms, cfg.slo_e2e_ms)
+  row = dict(variant=variant, rate=rate, max_concurrency=cfg.max_concurrency, **summary)
+  run.log("rate", **row)
+  print(f"bench serve: {variant} rate {rate}: {summary['request_throughput']:.2f} req/s, "
+        f"{summary['output_throughput']:.1f} tok/s, TTFT p50 {summary['p50_ttft_ms']:.0f} ms, TPOT p99 "
+        f"{summary['p99_tpot_ms']:.1f} ms, failed {summary['failed']}", flush=True)
+  return row
 
 
 COLUMNS = [("variant", "variant", None), ("rate (req/s)", "rate", ".2f"), ("done", "completed", None),
@@ -236,19 +239,24 @@ def run(config):
     resolve_paths(BenchServeConfig, config.bench, "bench")  # not in jaxinfer.config.SECTIONS: resolved here
   cfg = read(config, BenchServeConfig, smoke=SMOKE)
   with results.open_run(config) as r:
-    rows = []
-    if cfg.base_url:
-      rows += bench_one(cfg.base_url.rstrip("/"), cfg, "server", r)
-    else:
-      for spec in cfg.variants:
+    servers: dict[str, str] = {}  # variant -> base url
+    launched: dict[str, LaunchedServer] = {}
+    try:
+      if cfg.base_url:
+        servers["server"] = cfg.base_url.rstrip("/")
+      for spec in ([] if cfg.base_url else cfg.variants):  # every server up (and compiled) before any load
         name, _, overrides = spec.partition("=")
-        server = LaunchedServer(cfg, overrides.split(), r.dir / f"server_{name}.log")
-        try:
-          server.wait_ready(cfg.server_start_timeout_s)
-          rows += bench_one(server.url, cfg, name, r)
-        finally:
-          code = server.stop()
-          print(f"bench serve: server {name} exited with {code} after SIGTERM", flush=True)
+        launched[name] = LaunchedServer(cfg, overrides.split(), r.dir / f"server_{name}.log")
+        launched[name].wait_ready(cfg.server_start_timeout_s)
+        servers[name] = launched[name].url
+      prepared = {name: prepare(url, cfg) for name, url in servers.items()}
+      # rate by rate, the variants in turn (idle servers cost nothing): drift on a shared machine hits all alike
+      rows = [bench_rate(servers[name], *prepared[name], cfg, k, name, r)
+              for k in range(len(cfg.rates)) for name in servers]
+    finally:
+      for name, server in launched.items():
+        print(f"bench serve: server {name} exited with {server.stop()} after SIGTERM (drained)", flush=True)
+    rows.sort(key=lambda row: list(servers).index(row["variant"]))
     r.section("Load over HTTP", f"{cfg.num_prompts} requests per rate; prompts ~{cfg.input_len} tokens, outputs "
               f"~{cfg.output_len} (range ratio {cfg.range_ratio}); greedy, ignore_eos. Latencies in ms.",
               results.table_from(rows, COLUMNS), bench_metrics.__doc__.strip().split("\n", 1)[1])

@@ -43,7 +43,8 @@ def app_for(serving: Serving, stop_bridge: bool = True):
   @contextlib.asynccontextmanager
   async def lifespan(_app):
     yield
-    if stop_bridge:
+    if stop_bridge:  # uvicorn has closed every connection (drained) or hit drain_timeout_s
+      log.info("serve: connections drained; stopping the engine (%d requests left)", serving.bridge.num_unfinished)
       serving.bridge.stop()
 
   return build_app(serving, lifespan=lifespan)
@@ -62,8 +63,7 @@ def serve_forever(serving: Serving, host: str, port: int, drain_timeout_s: float
   server = uvicorn.Server(_config(app_for(serving), drain_timeout_s, host=host, port=port))
   log.info("serve: listening on http://%s:%d/v1 (model %r); SIGTERM drains running requests, then exits",
            host, port, serving.served.name)
-  server.run()
-  log.info("serve: drained and stopped")
+  server.run()  # after a SIGTERM, uvicorn re-raises it once drained: the exit status is then 143 (-15)
 
 
 class BackgroundServer:
