@@ -16,10 +16,6 @@ from ml_collections import config_dict
 
 from jaxinfer.config import ConfigError, from_section, require
 
-# fields every experiment config has at the top level, besides its sections
-TOP_LEVEL = ("name", "driver", "seed", "workdir", "run_name", "smoke")
-
-
 def experiment(name: str, driver: str, seed: int = 0, **sections) -> config_dict.ConfigDict:
   """An experiment config: name, driver, seed, workdir results/<name>, run_name "default", smoke off, sections."""
   c = config_dict.ConfigDict()

@@ -16,7 +16,8 @@ def test_every_experiment_config_names_an_existing_driver(config_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    if path.stem == "default":  # a `jaxinfer generate` config
+    if "driver" not in config:  # a config of another subcommand: `jaxinfer generate` / `jaxinfer serve`
+      assert {"generate", "serve"} & set(config.keys()), path.name
       continue
     assert callable(driver(config.driver).run), path.name
 
