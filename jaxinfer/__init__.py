@@ -4,6 +4,7 @@ from jaxinfer.checkpoint import CheckpointError, load_hf, load_tokenizer, save_h
 from jaxinfer.engine import Engine, EngineConfig
 from jaxinfer.generation import SamplingParams, generate
 from jaxinfer.models import ConfigError, ModelConfig, Transformer, init_model
+from jaxinfer.quant import quantize
 
 __all__ = ["CheckpointError", "ConfigError", "Engine", "EngineConfig", "ModelConfig", "SamplingParams", "Transformer", "generate",
-           "init_model", "load_hf", "load_tokenizer", "save_hf"]
+           "init_model", "load_hf", "load_tokenizer", "quantize", "save_hf"]
