@@ -315,37 +315,39 @@ def _plot(rows, xkey, series, xlabel, ylabel, title):
   return fig
 
 
-def report_attention(out, rows, a: AttentionPartConfig, model_desc: str, device: str) -> None:
-  out.section("Attention only (one decode step)",
-              f"batch {a.batch}, {a.q_heads} q / {a.kv_heads} kv heads, head_dim {a.head_dim}, suffix {a.suffix_len}, "
-              f"{a.dtype}; median of {a.rounds} interleaved rounds x {a.repeats} calls",
-              results.table_from(rows, (("prefix", "prefix_len", None), ("baseline tok/s", "baseline_tok_s", ".1f"),
-                                        ("hydragen tok/s", "hydragen_tok_s", ".1f"),
+def _throughput_report(out, rows, title: str, intro: str, shared: str, spec: str, labels, ylabel: str,
+                       plot_title: str, png: str, paper: str = PAPER, after: str = "") -> None:
+  """A part that compares per-sequence (baseline) and shared-prefix throughput over prefix lengths."""
+  out.section(title, intro,
+              results.table_from(rows, (("prefix", "prefix_len", None), ("baseline tok/s", "baseline_tok_s", spec),
+                                        (f"{shared} tok/s", "hydragen_tok_s", spec),
                                         ("speedup", "speedup", "{:.2f}x"))),
               f"Throughput drop from prefix {rows[0]['prefix_len']} to {rows[-1]['prefix_len']}: baseline "
-              f"{_drop(rows, 'baseline_tok_s')}, hydragen {_drop(rows, 'hydragen_tok_s')} ({PAPER}).")
-  out.figure(_plot(rows, "prefix_len", (("baseline_tok_s", "per-sequence attention (baseline)", "o-"),
-                                        ("hydragen_tok_s", "shared-prefix attention (Hydragen)", "s-")),
-                   "shared prefix length (tokens)", "decode attention throughput (tok/s)",
-                   f"attention only, batch {a.batch}, {device}"), "throughput.png")
+              f"{_drop(rows, 'baseline_tok_s')}, {shared} {_drop(rows, 'hydragen_tok_s')} ({paper}).{after}")
+  out.figure(_plot(rows, "prefix_len", (("baseline_tok_s", labels[0], "o-"), ("hydragen_tok_s", labels[1], "s-")),
+                   "shared prefix length (tokens)", ylabel, plot_title), png)
+
+
+def report_attention(out, rows, a: AttentionPartConfig, model_desc: str, device: str) -> None:
+  _throughput_report(out, rows, "Attention only (one decode step)",
+                     f"batch {a.batch}, {a.q_heads} q / {a.kv_heads} kv heads, head_dim {a.head_dim}, suffix "
+                     f"{a.suffix_len}, {a.dtype}; median of {a.rounds} interleaved rounds x {a.repeats} calls",
+                     "hydragen", ".1f", ("per-sequence attention (baseline)", "shared-prefix attention (Hydragen)"),
+                     "decode attention throughput (tok/s)", f"attention only, batch {a.batch}, {device}",
+                     "throughput.png")
 
 
 def report_engine_decode(out, rows, e: EngineDecodePartConfig, model_desc: str, device: str) -> None:
-  out.section("Engine decode throughput, batch sharing a prefix",
-              f"jaxinfer.Engine, {model_desc}; batch {e.batch} requests = the shared prefix (prefilled once, reused "
-              f"through the prefix cache) + {e.suffix_len} tokens of their own; page size {e.page_size}; best of "
-              f"{e.rounds} interleaved rounds of {e.decode_steps} decode steps. Baseline: the same engine with prefix "
-              "grouping off (every sequence reads the prefix pages itself).",
-              results.table_from(rows, (("prefix", "prefix_len", None), ("baseline tok/s", "baseline_tok_s", ".0f"),
-                                        ("shared-prefix attention tok/s", "hydragen_tok_s", ".0f"),
-                                        ("speedup", "speedup", "{:.2f}x"))),
-              f"Throughput drop from prefix {rows[0]['prefix_len']} to {rows[-1]['prefix_len']}: baseline "
-              f"{_drop(rows, 'baseline_tok_s')}, shared-prefix attention {_drop(rows, 'hydragen_tok_s')} ({PAPER}; "
-              f"up to 32x end-to-end). Here: up to {max(r['speedup'] for r in rows):.1f}x.")
-  out.figure(_plot(rows, "prefix_len", (("baseline_tok_s", "engine, per-sequence attention", "o-"),
-                                        ("hydragen_tok_s", "engine, shared-prefix attention", "s-")),
-                   "shared prefix length (tokens)", "decode throughput (tok/s)",
-                   f"engine decode, batch {e.batch}, {device}"), "engine_throughput.png")
+  _throughput_report(out, rows, "Engine decode throughput, batch sharing a prefix",
+                     f"jaxinfer.Engine, {model_desc}; batch {e.batch} requests = the shared prefix (prefilled once, "
+                     f"reused through the prefix cache) + {e.suffix_len} tokens of their own; page size {e.page_size}; "
+                     f"best of {e.rounds} interleaved rounds of {e.decode_steps} decode steps. Baseline: the same "
+                     "engine with prefix grouping off (every sequence reads the prefix pages itself).",
+                     "shared-prefix attention", ".0f",
+                     ("engine, per-sequence attention", "engine, shared-prefix attention"),
+                     "decode throughput (tok/s)", f"engine decode, batch {e.batch}, {device}", "engine_throughput.png",
+                     paper=f"{PAPER}; up to 32x end-to-end",
+                     after=f" Here: up to {max(r['speedup'] for r in rows):.1f}x.")
 
 
 def report_ttft(out, rows, t: TTFTPartConfig, model_desc: str, device: str) -> None:
