@@ -80,8 +80,8 @@ class ServingExperimentConfig:
 
 SMOKE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2,
                    max_position_embeddings=128)
-SMOKE = dict(num_requests=10, prompt_min=4, prompt_max=40, output_min=2, output_max=12, max_batch_size=4,
-             max_model_len=96, chunk_budget=16, min_token_bucket=16, min_seq_bucket=4, calibration_steps=3)
+SMOKE = dict(num_requests=8, prompt_min=4, prompt_max=12, output_min=2, output_max=8, max_batch_size=4,
+             max_model_len=32, chunk_budget=16, min_token_bucket=16, min_seq_bucket=4, calibration_steps=3)
 
 
 # ------------------------------------------------------------------------------------------------ workload
@@ -124,7 +124,7 @@ def calibrate(model, s: ServingExperimentConfig, seed: int, mean_tokens: float) 
   is timed (median) and a request is taken to cost its mean prompt + output tokens at that rate."""
   engine = make_engine(model, s, "continuous")
   rng = np.random.default_rng(seed + 1)
-  prompt = min(48, s.max_model_len // 2)
+  prompt = min(48, s.prompt_max)
   new = min(40, s.max_model_len - prompt - 1)
   for _ in range(s.max_batch_size):
     engine.add_request(rng.integers(0, model.config.vocab_size, size=prompt).tolist(), max_new_tokens=new)
