@@ -18,7 +18,7 @@ def test_quantization_smoke(run_experiment):
     assert r["ppl_increase_pct"] == pytest.approx(100 * (r["ppl"] / by["float32"]["ppl"] - 1))
   # stored bytes: bf16 half of float32; int4 codes shrink the linear layers more than int8 ones
   assert by["bf16"]["weight_mb"] == pytest.approx(by["float32"]["weight_mb"] / 2)
-  assert by["rtn4"]["linear_mb"] < by["llm_int8"]["linear_mb"] < by["float32"]["linear_mb"]
+  assert by["gptq4_act"]["linear_mb"] < by["llm_int8"]["linear_mb"] < by["float32"]["linear_mb"]
   assert abs(by["llm_int8"]["ppl_increase_pct"]) < 5.0
   assert "| gptq4_act | gptq 4-bit g32 act-order |" in ran.markdown and "Against the papers' claims" in ran.markdown
   assert (ran.dir / "quantization.png").is_file()
