@@ -84,3 +84,26 @@ def test_stop_drains_running_stream(serving, model_name):
     whole = openai.OpenAI(base_url=again.url + "/v1", api_key="none", max_retries=0).completions.create(
         model=model_name, prompt="drain me", max_tokens=40, temperature=0)
   assert "".join(pieces) == whole.choices[0].text
+
+
+def test_non_streaming_client_that_leaves_is_cancelled(serving, server_url, model_name):
+  import json
+  import socket
+
+  aborts = serving.metrics._success.labels(model_name, "abort")
+  before = aborts._value.get()
+  body = json.dumps({"model": model_name, "prompt": "leave early", "max_tokens": 200, "temperature": 0}).encode()
+  host, port = server_url.removeprefix("http://").split(":")
+  with socket.create_connection((host, int(port))) as sock:
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + 30
+    while serving.metrics.generation_tokens._value.get() == 0 or not serving.bridge.num_unfinished:
+      assert time.monotonic() < deadline, "the request never started"
+      time.sleep(0.01)
+  deadline = time.monotonic() + 30
+  while aborts._value.get() < before + 1:  # cancelled (reported one step later), not run to its 200 tokens
+    assert time.monotonic() < deadline, "the request was not cancelled"
+    time.sleep(0.01)
+  wait_idle(serving.bridge)
+  assert serving.bridge.call(lambda e: e.check_pages()).result(30)["in_use"] == 0
