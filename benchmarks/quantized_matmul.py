@@ -23,10 +23,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 import traceback
 
 import jax
@@ -35,6 +32,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.attention import _commit, _time  # noqa: E402  (git commit; median ms after warm-up)
 from pallas_kernels.quantized_matmul import api, pack_int4  # noqa: E402
 
 TOL = 2e-2
@@ -50,26 +48,6 @@ def _parse(argv=None):
   p.add_argument("--impls", default=None, help="comma-separated implementations (default: all available but reference)")
   p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 20; 3 small)")
   return p.parse_args(argv)
-
-
-def _commit():
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10).stdout.strip() or None
-  except Exception:  # noqa: BLE001 - best effort only
-    return None
-
-
-def _time(fn, *args, iters: int) -> float:
-  """Median wall time in ms after two warm-up calls (which compile)."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
 
 
 def _write(path, settings, rows, *, complete: bool):

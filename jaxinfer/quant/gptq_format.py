@@ -107,9 +107,7 @@ def from_tensors(t: dict[str, np.ndarray], *, rows: int, out: int, cfg: dict, pr
   bits = cfg["bits"]
   pack = 32 // bits
   gs = rows if cfg["group_size"] == -1 else cfg["group_size"]
-  if rows % gs:
-    raise GPTQFormatError(f"{prefix}: {rows} input rows are not a multiple of quantization_config.group_size={gs}")
-  groups = rows // gs
+  groups = -(-rows // gs)  # g_idx = row // group_size: a short last group when it does not divide
   want = {"qweight": (rows // pack, out), "qzeros": (groups, out // pack), "scales": (groups, out), "g_idx": (rows,)}
   for name, shape in want.items():
     got = tuple(t[name].shape)
@@ -125,9 +123,10 @@ def from_tensors(t: dict[str, np.ndarray], *, rows: int, out: int, cfg: dict, pr
   if g_idx.min() < 0 or g_idx.max() >= groups:
     raise GPTQFormatError(f"{prefix}.g_idx: groups must lie in [0, {groups}), got [{g_idx.min()}, {g_idx.max()}]")
   counts = np.bincount(g_idx, minlength=groups)
-  if np.any(counts != gs):
-    raise GPTQFormatError(f"{prefix}.g_idx: every group must hold group_size={gs} rows, got counts in "
-                          f"[{counts.min()}, {counts.max()}]")
+  want_counts = np.minimum(gs, rows - gs * np.arange(groups))
+  if np.any(counts != want_counts):
+    raise GPTQFormatError(f"{prefix}.g_idx: every group must hold group_size={gs} rows (the last one the rest), "
+                          f"got counts in [{counts.min()}, {counts.max()}]")
   perm = np.argsort(g_idx, kind="stable")
   identity = bool(np.all(perm == np.arange(rows)))
   scale_dtype = "float16" if t["scales"].dtype == np.float16 else "float32"

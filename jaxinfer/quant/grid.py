@@ -43,19 +43,28 @@ def dequantize(q: np.ndarray, scale, zero) -> np.ndarray:
 
 
 def resolve_group(group_size: int, rows: int, what: str) -> int:
-  """The group size for a kernel with `rows` input rows (-1: all of them); ValueError if it does not divide."""
+  """The group size for a kernel with `rows` input rows (-1: all of them). When it does not divide `rows` the
+  last group is shorter (as GPTQ's g_idx = row // group_size makes it)."""
   gs = rows if group_size == -1 else group_size
-  if rows % gs:
-    raise ValueError(f"{what}: {rows} input rows are not a multiple of group_size={gs}")
+  if gs > rows:
+    raise ValueError(f"{what}: group_size={gs} exceeds the {rows} input rows")
   return gs
 
 
+def num_groups(rows: int, group_size: int) -> int:
+  return -(-rows // group_size)
+
+
 def round_to_nearest(kernel: np.ndarray, bits: int, group_size: int, sym: bool, scale_dtype: str):
-  """kernel [in, out] -> (codes [in, out], scales [groups, out], zeros [groups, out]) group by group."""
+  """kernel [in, out] -> (codes [in, out], scales [groups, out], zeros [groups, out]) group by group (a short
+  last group is padded with zero weights, which the range [min(w, 0), max(w, 0)] already holds)."""
   rows, out = kernel.shape
-  groups = kernel.reshape(rows // group_size, group_size, out)
-  fitted = [fit(g, bits, sym, scale_dtype) for g in groups]
+  g = num_groups(rows, group_size)
+  padded = np.zeros((g * group_size, out))
+  padded[:rows] = kernel
+  groups = padded.reshape(g, group_size, out)
+  fitted = [fit(x, bits, sym, scale_dtype) for x in groups]
   scales = np.stack([s for s, _ in fitted])
   zeros = np.stack([z for _, z in fitted])
-  q = codes(groups, scales[:, None], zeros[:, None], bits).reshape(rows, out)
+  q = codes(groups, scales[:, None], zeros[:, None], bits).reshape(g * group_size, out)[:rows]
   return q, scales, zeros

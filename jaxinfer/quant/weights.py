@@ -36,11 +36,17 @@ class GroupQuantizedKernel(nnx.Module):
                method: str, axes=(None, None), perm: np.ndarray | None = None, scale_dtype: str = "float16",
                implementation: str | None = None, sym: bool = False):
     """codes [in, out] integers in [0, 2**bits) (stored rows: input rows in `perm` order when perm is given);
-    scales, zeros [in / group_size, out]."""
+    scales, zeros [ceil(in / group_size), out]. A short last group is stored padded to group_size rows (codes
+    at the zero point, so the padding weighs 0) and x is padded to match in matmul."""
     rows, out = codes.shape
-    if scales.shape != (rows // group_size, out) or zeros.shape != scales.shape:
-      raise ValueError(f"scales {scales.shape} and zeros {zeros.shape} must be (in / group_size, out) = "
-                       f"{(rows // group_size, out)}")
+    groups = -(-rows // group_size)
+    if scales.shape != (groups, out) or zeros.shape != scales.shape:
+      raise ValueError(f"scales {scales.shape} and zeros {zeros.shape} must be (ceil(in / group_size), out) = "
+                       f"{(groups, out)}")
+    codes = np.asarray(codes)
+    if groups * group_size != rows:
+      pad = np.broadcast_to(np.asarray(zeros)[-1:], (groups * group_size - rows, out))
+      codes = np.concatenate([codes, pad], axis=0)
     codes = jnp.asarray(codes, jnp.uint8)
     self.codes = _param(pack_int4(codes) if bits == 4 else codes, tuple(axes))
     sdt = jnp.dtype(scale_dtype)
@@ -55,20 +61,23 @@ class GroupQuantizedKernel(nnx.Module):
   def matmul(self, x, dtype):
     if self.perm is not None:
       x = jnp.take(x, self.perm[...], axis=-1)
+    padded = self.scales.get_value().shape[0] * self.group_size
+    if padded != self.shape[0]:
+      x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, padded - self.shape[0])])
     y = quantized_matmul(x.astype(dtype), self.codes[...], self.scales[...], self.zeros[...], bits=self.kernel_bits,
                          group_size=self.group_size, implementation=self.implementation)
     return y.astype(dtype)
 
   def stored_codes(self) -> jax.Array:
-    """uint8 codes [in, out] in stored row order."""
+    """uint8 codes [in, out] in stored row order (without the padding of a short last group)."""
     from pallas_kernels.quantized_matmul.packing import unpacked_codes
 
-    return unpacked_codes(self.codes[...], self.kernel_bits)
+    return unpacked_codes(self.codes[...], self.kernel_bits)[:self.shape[0]]
 
   def dequantized(self) -> jax.Array:
     """float32 [in, out] in the original input order."""
     w = dequantize(self.codes[...], self.scales[...], self.zeros[...], bits=self.kernel_bits,
-                   group_size=self.group_size)
+                   group_size=self.group_size)[:self.shape[0]]
     if self.perm is None:
       return w
     return jnp.zeros_like(w).at[self.perm[...]].set(w)

@@ -26,7 +26,7 @@ def unpack_reference(qweight, qzeros, scales, g_idx, bits, v1):
 
 def random_kernel(rng, bits, rows, out, group_size, act_order, zero_low=1):
   codes = rng.integers(0, 2 ** bits, size=(rows, out))
-  groups = rows // group_size
+  groups = -(-rows // group_size)
   scales = rng.uniform(0.01, 0.1, size=(groups, out))
   zeros = rng.integers(zero_low, 2 ** bits, size=(groups, out)).astype(np.float64)
   perm = rng.permutation(rows) if act_order else None
@@ -35,21 +35,23 @@ def random_kernel(rng, bits, rows, out, group_size, act_order, zero_low=1):
   return GroupQuantizedKernel(codes, scales, zeros, bits=bits, group_size=group_size, method="gptq", perm=perm)
 
 
-@pytest.mark.parametrize("bits,act_order,fmt", [(4, False, "gptq"), (4, True, "gptq"), (4, True, "gptq_v2"),
-                                                (8, False, "gptq")])
-def test_packing_matches_independent_unpacker(bits, act_order, fmt):
-  rng = np.random.default_rng(bits + 10 * act_order)
-  kernel = random_kernel(rng, bits, rows=64, out=16, group_size=16, act_order=act_order)
+@pytest.mark.parametrize("bits,act_order,fmt,group_size", [(4, False, "gptq", 16), (4, True, "gptq", 16),
+                                                           (4, True, "gptq_v2", 16), (8, False, "gptq", 16),
+                                                           (4, True, "gptq", 24)])  # 64 = 24 + 24 + 16
+def test_packing_matches_independent_unpacker(bits, act_order, fmt, group_size):
+  rng = np.random.default_rng(bits + 10 * act_order + group_size)
+  kernel = random_kernel(rng, bits, rows=64, out=16, group_size=group_size, act_order=act_order)
+  groups = -(-64 // group_size)
   t = G.to_tensors(kernel, fmt)
   assert t["qweight"].dtype == np.int32 and t["qweight"].shape == (64 * bits // 32, 16)
-  assert t["qzeros"].dtype == np.int32 and t["qzeros"].shape == (4, 16 * bits // 32)
+  assert t["qzeros"].dtype == np.int32 and t["qzeros"].shape == (groups, 16 * bits // 32)
   assert t["scales"].dtype == np.float16 and t["g_idx"].shape == (64,)
   want = np.asarray(kernel.dequantized(), np.float64)
   got = unpack_reference(t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, v1=fmt == "gptq")
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
   if act_order:
-    assert not np.all(t["g_idx"] == np.arange(64) // 16)  # groups are not contiguous rows
-  back = G.from_tensors(t, rows=64, out=16, cfg=dict(bits=bits, group_size=16, sym=False, format=fmt), prefix="x",
+    assert not np.all(t["g_idx"] == np.arange(64) // group_size)  # groups are not contiguous rows
+  back = G.from_tensors(t, rows=64, out=16, cfg=dict(bits=bits, group_size=group_size, sym=False, format=fmt), prefix="x",
                         axes=(None, None))
   np.testing.assert_array_equal(np.asarray(back.stored_codes()), np.asarray(kernel.stored_codes()))
   np.testing.assert_array_equal(np.asarray(back.dequantized()), np.asarray(kernel.dequantized()))

@@ -57,6 +57,17 @@ def test_rtn_codes_are_nearest(float_model):
   assert inside.mean() > 0.75 and k.codes.get_value().shape == (w.shape[0] // 2, w.shape[1])
 
 
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_short_last_group(float_model, tokens, method):
+  """group_size 48 does not divide 64 or 128 input rows: the last group is shorter (GPTQ's g_idx = row // 48)."""
+  q = jaxinfer.quantize(float_model, method=method, group_size=48, act_order=method == "gptq", calibration=tokens)
+  k = q.layers[0].mlp.down_proj.kernel
+  assert k.scales.get_value().shape == (3, 64) and k.stored_codes().shape == (128, 64)
+  w = np.asarray(float_model.layers[0].mlp.down_proj.kernel.get_value())
+  assert np.abs(np.asarray(k.dequantized()) - w).max() < 0.25 * np.abs(w).max()
+  assert 0 < rel_error(logits(q, tokens), logits(float_model, tokens)) < 0.2
+
+
 def test_rules_choose_layers(float_model):
   rules = ("!.*mlp.*", r"layers\.\d+\.self_attn\..*", "lm_head")
   q = jaxinfer.quantize(float_model, method="int8", rules=rules)
@@ -98,7 +109,7 @@ def test_generate_accepts_a_quantized_model(float_model, tokens):
     (dict(method="gptq"), ValueError, "calibration: this method needs token-id batches"),
     (dict(method="int8", bits=4), ConfigError, "quant.bits: method 'int8' is 8-bit"),
     (dict(method="rtn", bits=9), ConfigError, "quant.bits: must be an integer in"),
-    (dict(method="rtn", group_size=48), ValueError, "layers.0.mlp.down_proj: 128 input rows are not a multiple of group_size=48"),
+    (dict(method="rtn", group_size=96), ValueError, "layers.0.*: group_size=96 exceeds the 64 input rows"),
     (dict(method="gptq", calibration=np.full((2, 4), 500)), ValueError, r"calibration\[0\]: token ids must lie in"),
     (dict(method="rtn", rules=("(",)), ConfigError, "quant.rules: '\\(' is not a valid regular expression"),
     (dict(method="rtn", rules=("nothing",)), ValueError, "quant.rules: no Linear layer matches"),
