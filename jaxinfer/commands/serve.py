@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import logging
 
-from jaxinfer.config import from_section, resolve_paths
+from jaxinfer.config import from_section, resolve_config_paths
 from jaxinfer.engine.config import EngineConfig
 
 log = logging.getLogger("jaxinfer.serve")
 
 
 def load(config):
-  """(ServeConfig, EngineConfig section values) of a config, paths of `serve` made absolute."""
+  """(ServeConfig, EngineConfig) of a config (its paths were made absolute when it was loaded)."""
   from jaxinfer.serve.config import ServeConfig
 
-  if "serve" in config:
-    resolve_paths(ServeConfig, config.serve, "serve")  # not in jaxinfer.config.SECTIONS: resolved here
+  resolve_config_paths(config)  # a no-op after the CLI; for callers that pass a config of their own
   serve = from_section(ServeConfig, config.get("serve", {}), "serve")
   engine = from_section(EngineConfig, config.get("engine", {}), "engine")
   return serve, engine

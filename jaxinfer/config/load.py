@@ -22,6 +22,7 @@ SECTIONS = {
     "mesh": "parallel.mesh:MeshConfig",
     "generate": "jaxinfer.generation.config:GenerateConfig",
     "engine": "jaxinfer.engine.config:EngineConfig",
+    "serve": "jaxinfer.serve.config:ServeConfig",
 }
 TOP_LEVEL_PATHS = ("workdir",)
 
@@ -31,8 +32,25 @@ def schema_of(section: str):
   return getattr(importlib.import_module(module), name)
 
 
+def driver_sections(config) -> dict[str, type]:
+  """The sections an experiment's driver declares: every dataclass with a SECTION in the driver's module
+  (jaxinfer.experiments.<config.driver>), so a driver's own path fields are resolved like the shared ones."""
+  name = config.get("driver") if hasattr(config, "get") else None
+  if not isinstance(name, str) or not name:
+    return {}
+  try:
+    module = importlib.import_module(f"jaxinfer.experiments.{name}")
+  except ImportError:
+    return {}  # an unknown driver is reported, naming the field, when the driver is looked up
+  import dataclasses
+
+  return {cls.SECTION: cls for cls in vars(module).values()
+          if isinstance(cls, type) and dataclasses.is_dataclass(cls) and isinstance(getattr(cls, "SECTION", None), str)}
+
+
 def resolve_config_paths(config, base: str | os.PathLike | None = None) -> list[str]:
-  """Absolute paths for workdir and every path field of every known section, in place; returns the fields."""
+  """Absolute paths for workdir and every path field of every known section (the shared ones in SECTIONS and
+  the driver's own), in place; returns the fields changed."""
   from pathlib import Path
 
   base = Path(base if base is not None else os.getcwd())
@@ -43,11 +61,9 @@ def resolve_config_paths(config, base: str | os.PathLike | None = None) -> list[
       if resolved != config[key]:
         config[key] = resolved
         changed.append(key)
-  for section in SECTIONS:
+  schemas = {section: schema_of(section) for section in SECTIONS if section in config}
+  schemas.update(driver_sections(config))
+  for section, cls in schemas.items():
     if section in config and config[section] is not None and hasattr(config[section], "keys"):
-      try:
-        cls = schema_of(section)
-      except (ImportError, AttributeError):  # a schema not built yet: nothing of it to resolve
-        continue
       changed += resolve_paths(cls, config[section], section, base)
   return changed

@@ -233,10 +233,6 @@ def plot(rows: list[dict], run) -> None:
 
 
 def run(config):
-  from jaxinfer.config import resolve_paths
-
-  if "bench" in config:
-    resolve_paths(BenchServeConfig, config.bench, "bench")  # not in jaxinfer.config.SECTIONS: resolved here
   cfg = read(config, BenchServeConfig, smoke=SMOKE)
   with results.open_run(config) as r:
     servers: dict[str, str] = {}  # variant -> base url
