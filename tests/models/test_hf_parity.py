@@ -53,5 +53,5 @@ def test_save_hf_round_trip(family, tmp_path):
   ours = model(np.asarray(tokens))
   assert rel_err(ours, hf_logits(back, tokens)) < REL_TOL, name
   reloaded = jaxinfer.load_hf(tmp_path / "export")
-  again, _ = reloaded(np.asarray(tokens))
+  again = reloaded(np.asarray(tokens))
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(again))
