@@ -61,7 +61,7 @@ def _workload(rng, n):
     else:
       base = prefixes[c % 2]
       prompts.append(base[:int(rng.integers(len(base) // 2, len(base) + 1))] + own)
-  news = [int(k) for k in rng.integers(1, 17, size=n)]
+  news = [int(k) for k in rng.integers(1, 13, size=n)]
   return prompts, news
 
 
@@ -70,7 +70,7 @@ def test_random_workload_matches_generate(model, seed):
   rng = np.random.default_rng(1000 + seed)
   shape = SHAPES[seed % len(SHAPES)]
   async_on = bool(seed % 2)
-  prompts, news = _workload(rng, 14)
+  prompts, news = _workload(rng, 10)
   engine = Engine(model, async_scheduling=async_on, max_model_len=64, **shape)
   index_of, got = {}, {}
   arrived, steps = 0, 0
