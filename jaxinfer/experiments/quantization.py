@@ -12,6 +12,7 @@ the quickstart's data settings, so the held-out documents are the ones training 
   llm_int8     int8 per channel + outlier dims (|x| > 6) in float   int8 rows / float outliers
   rtn4, gptq4  4-bit, group 128, min-max grid                       float32    (gptq4_act: act-order)
   rtn3, gptq3  3-bit, group 128                                      float32
+  *_lm         the same with the lm_head quantized too (--config.quantization.variants=...)
 
 Every quantized variant starts from the float32 model; GPTQ's Hessians come from `calibration_rows` rows of the
 training split (jaxinfer.quantize(..., calibration=...)). Perplexity: exp(mean next-token NLL) over the first
@@ -41,7 +42,10 @@ class Variant:
   method: str | None = None  # jaxinfer.quantize method; None: the float model itself
   bits: int | None = None
   act_order: bool = False
+  lm_head: bool = False  # also quantize the lm_head (the default rules keep it float)
 
+
+WITH_LM_HEAD = ("lm_head", r"layers\.\d+\..*")  # rules of the *_lm variants
 
 VARIANTS = {
     "float32": Variant(),
@@ -53,14 +57,20 @@ VARIANTS = {
     "gptq4_act": Variant(method="gptq", bits=4, act_order=True),
     "rtn3": Variant(method="rtn", bits=3),
     "gptq3": Variant(method="gptq", bits=3),
+    # the lm_head too: in a small, briefly trained model it carries much of what the model knows
+    "rtn4_lm": Variant(method="rtn", bits=4, lm_head=True),
+    "gptq4_lm": Variant(method="gptq", bits=4, lm_head=True),
+    "rtn3_lm": Variant(method="rtn", bits=3, lm_head=True),
+    "gptq3_lm": Variant(method="gptq", bits=3, lm_head=True),
 }
+DEFAULT_VARIANTS = ("float32", "bf16", "int8", "llm_int8", "rtn4", "gptq4", "gptq4_act", "rtn3", "gptq3")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationExperimentConfig:
   SECTION = "quantization"
   checkpoint: str = path_field("results/quickstart/hf")  # a Hugging Face folder; "" (smoke): random model
-  variants: tuple[str, ...] = tuple(VARIANTS)
+  variants: tuple[str, ...] = DEFAULT_VARIANTS
   group_size: int = 128
   seq_len: int = 256
   eval_rows: int = 64  # held-out rows of seq_len tokens
@@ -170,9 +180,10 @@ def build(variant: Variant, floats, s, calibration):
   if variant.method is None:
     return model
   batches = [calibration["inputs"][i:i + s.batch_rows] for i in range(0, len(calibration["inputs"]), s.batch_rows)]
+  rules = {"rules": WITH_LM_HEAD} if variant.lm_head else {}
   return quantize(model, method=variant.method, bits=variant.bits,
                   group_size=-1 if variant.method in ("int8", "llm_int8") else s.group_size,
-                  act_order=variant.act_order, calibration=batches)
+                  act_order=variant.act_order, calibration=batches, **rules)
 
 
 def perplexity(model, rows, batch_rows: int) -> float:
@@ -221,7 +232,11 @@ def describe_weights(v: Variant, s) -> str:
     return v.dtype
   if v.method in ("int8", "llm_int8"):
     return f"{v.method}, per channel"
-  return f"{v.method} {v.bits}-bit g{s.group_size}" + (" act-order" if v.act_order else "")
+  return (f"{v.method} {v.bits}-bit g{s.group_size}" + (" act-order" if v.act_order else "")
+          + (" + lm_head" if v.lm_head else ""))
+
+
+NOISE_PCT = 0.1  # perplexity differences below this (% of float32's) are read as indistinguishable
 
 
 def verdict(by_name) -> list[str]:
@@ -234,11 +249,16 @@ def verdict(by_name) -> list[str]:
   def gap(name):
     return by_name[name]["ppl"] - f["ppl"]
 
-  for rtn, gptq in (("rtn4", "gptq4"), ("rtn4", "gptq4_act"), ("rtn3", "gptq3")):
+  noise = NOISE_PCT / 100 * f["ppl"]
+
+  for rtn, gptq in (("rtn4", "gptq4"), ("rtn4", "gptq4_act"), ("rtn3", "gptq3"), ("rtn4_lm", "gptq4_lm"),
+                    ("rtn3_lm", "gptq3_lm")):
     if rtn in by_name and gptq in by_name:
-      closer = abs(gap(gptq)) < abs(gap(rtn))
-      out.append(f"- {gptq} vs {rtn}: perplexity gap to float32 {gap(gptq):+.3f} vs {gap(rtn):+.3f} -> GPTQ "
-                 f"{'closer to float (as claimed)' if closer else 'NOT closer to float'}.")
+      if max(abs(gap(gptq)), abs(gap(rtn))) < noise:
+        reading = f"both within {NOISE_PCT}% of float32: indistinguishable here"
+      else:
+        reading = "GPTQ closer to float (as claimed)" if abs(gap(gptq)) < abs(gap(rtn)) else "GPTQ NOT closer to float"
+      out.append(f"- {gptq} vs {rtn}: perplexity gap to float32 {gap(gptq):+.3f} vs {gap(rtn):+.3f} -> {reading}.")
   if "llm_int8" in by_name:
     pct = by_name["llm_int8"]["ppl_increase_pct"]
     out.append(f"- llm_int8: {pct:+.2f}% perplexity vs float32 -> "

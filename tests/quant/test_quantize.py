@@ -98,10 +98,18 @@ def test_llm_int8_outlier_decomposition_matches_numpy():
   assert np.linalg.norm(y - x @ w) < 0.02 * np.linalg.norm(x @ w)
 
 
-def test_generate_accepts_a_quantized_model(float_model, tokens):
+def test_generate_and_engine_accept_a_quantized_model(float_model, tokens):
   q = jaxinfer.quantize(float_model, method="gptq", calibration=[tokens[:2], tokens[2:]], group_size=32)
-  out = jaxinfer.generate(q, [tokens[0, :5].tolist(), tokens[1, :3].tolist()], max_new_tokens=4)
+  prompts = [tokens[0, :5].tolist(), tokens[1, :3].tolist()]
+  out = jaxinfer.generate(q, prompts, max_new_tokens=4)
   assert [len(o) for o in out] == [4, 4] and all(0 <= t < 128 for o in out for t in o)
+  engine = jaxinfer.Engine(q, max_batch_size=2, page_size=8, max_model_len=64)
+  ids = [engine.add_request(p, max_new_tokens=4) for p in prompts]
+  got = {i: [] for i in ids}
+  while engine.has_unfinished():
+    for o in engine.step():
+      got[o.request_id] += list(o.new_token_ids)
+  assert [got[i] for i in ids] == out  # greedy: the engine and generate agree on the quantized model
 
 
 @pytest.mark.parametrize("kw,error,match", [
