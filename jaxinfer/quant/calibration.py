@@ -52,7 +52,7 @@ def hessians(model, paths, token_batches) -> dict[str, np.ndarray]:
         out[name] = out.get(name, 0.0) + jnp.dot(xm.T, xm, precision=jax.lax.Precision.HIGHEST)
 
     with observe_linear_inputs(observe):
-      m(tokens, return_hidden=True)
+      m(tokens) if "lm_head" in wanted else m(tokens, return_hidden=True)
     return out
 
   fn = jax.jit(xtx)

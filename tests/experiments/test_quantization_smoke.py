@@ -20,6 +20,7 @@ def test_quantization_smoke(run_experiment):
   assert by["bf16"]["weight_mb"] == pytest.approx(by["float32"]["weight_mb"] / 2)
   assert by["gptq4_act"]["linear_mb"] < by["llm_int8"]["linear_mb"] < by["float32"]["linear_mb"]
   assert abs(by["llm_int8"]["ppl_increase_pct"]) < 5.0
+  assert by["float32"]["layer_error"] is None and 0 < by["llm_int8"]["layer_error"] < by["gptq4_act"]["layer_error"] < 0.5
   assert "| gptq4_act | gptq 4-bit g32 act-order |" in ran.markdown and "Against the papers' claims" in ran.markdown
   assert (ran.dir / "quantization.png").is_file()
 
