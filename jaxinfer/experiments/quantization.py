@@ -92,7 +92,7 @@ class QuantizationExperimentConfig:
       check(cls, name, isinstance(value, int) and value >= 1, f"must be a positive integer, got {value!r}")
 
 
-SMOKE = dict(checkpoint="", variants=("float32", "bf16", "llm_int8", "gptq4_act"), group_size=32, seq_len=32,
+SMOKE = dict(checkpoint="", variants=("float32", "bf16", "gptq4_act"), group_size=32, seq_len=32,
              eval_rows=8, calibration_rows=8, batch_rows=4, decode_batch=2, decode_prompt=8, decode_tokens=4,
              decode_rounds=1, decode_repeats=1)
 SMOKE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4, num_kv_heads=2,

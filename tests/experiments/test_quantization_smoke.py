@@ -16,11 +16,10 @@ def test_quantization_smoke(run_experiment):
     assert r["ppl"] > 1.0 and r["decode_tok_s"] > 0 and r["weight_mb"] > 0
     assert r["vs_bf16"] == pytest.approx(r["decode_tok_s"] / by["bf16"]["decode_tok_s"])
     assert r["ppl_increase_pct"] == pytest.approx(100 * (r["ppl"] / by["float32"]["ppl"] - 1))
-  # stored bytes: bf16 half of float32; int4 codes shrink the linear layers more than int8 ones
+  # stored bytes: bf16 half of float32; int4 codes (plus float16 scales and zeros) under bf16
   assert by["bf16"]["weight_mb"] == pytest.approx(by["float32"]["weight_mb"] / 2)
-  assert by["gptq4_act"]["linear_mb"] < by["llm_int8"]["linear_mb"] < by["float32"]["linear_mb"]
-  assert abs(by["llm_int8"]["ppl_increase_pct"]) < 5.0
-  assert by["float32"]["layer_error"] is None and 0 < by["llm_int8"]["layer_error"] < by["gptq4_act"]["layer_error"] < 0.5
+  assert by["gptq4_act"]["linear_mb"] < by["bf16"]["linear_mb"]  # (the float lm_head counts as a linear too)
+  assert by["float32"]["layer_error"] is None and 0 < by["gptq4_act"]["layer_error"] < 0.5
   assert "| gptq4_act | gptq 4-bit g32 act-order |" in ran.markdown and "Against the papers' claims" in ran.markdown
   assert (ran.dir / "quantization.png").is_file()
 
