@@ -179,11 +179,14 @@ class Checkpointer:
         # Orbax re-raises the failure it already reported; CheckpointSaveError carries it
         log.debug("checkpoint manager close after a failed save", exc_info=True)
       if self._failed_step is not None:
-        # writes of the failed save that had not failed themselves may still be landing: remove what they
-        # leave until the folder stays gone (bounded), so a failed save leaves nothing behind
-        deadline = time.monotonic() + 10.0
-        while self._remove_partial(self._failed_step) and time.monotonic() < deadline:
-          time.sleep(0.2)
+        # writes of the failed save that had not failed themselves may still be landing (Orbax gives no handle
+        # on them): remove what they leave until the folder has stayed gone for 2 s (bounded), so a failed save
+        # leaves nothing behind; a remainder would still be ignored and cleaned up by the next run's start
+        deadline, quiet_since = time.monotonic() + 30.0, time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 2.0:
+          if self._remove_partial(self._failed_step):
+            quiet_since = time.monotonic()
+          time.sleep(0.1)
 
   def _remove_partial(self, step) -> bool:
     """Removes the temporary folder(s) of an unfinished save of `step`; True if there was one."""
