@@ -12,3 +12,7 @@ from pallas_kernels.decode_attention import decode_attention  # noqa: E402
 from pallas_kernels.paged_attention import paged_attention, ragged_paged_attention  # noqa: E402
 
 __all__ += ["decode_attention", "paged_attention", "ragged_paged_attention"]
+
+from pallas_kernels.grouped_matmul import grouped_matmul  # noqa: E402
+
+__all__ += ["grouped_matmul"]
