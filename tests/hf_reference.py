@@ -23,9 +23,23 @@ FAMILIES = {
                                                            num_key_value_heads=2)),
 }
 
+# Mixture-of-Experts families (tests/models/test_moe_hf_parity.py): 3 and 6 experts are not powers of two;
+# Qwen2-MoE with its shared expert, norm_topk_prob off, MoE only in layer 1 (decoder_sparse_step=2);
+# Qwen3-MoE with norm_topk_prob on and layer 0 dense (mlp_only_layers).
+MOE_FAMILIES = {
+    "mixtral-e3-window": (transformers.MixtralConfig, dict(num_local_experts=3, num_experts_per_tok=2,
+                                                          sliding_window=7)),
+    "qwen2moe-shared-step2": (transformers.Qwen2MoeConfig, dict(
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, moe_intermediate_size=32,
+        shared_expert_intermediate_size=48, decoder_sparse_step=2)),
+    "qwen3moe-norm-mlponly": (transformers.Qwen3MoeConfig, dict(
+        num_experts=6, num_experts_per_tok=3, norm_topk_prob=True, moe_intermediate_size=40, mlp_only_layers=[0],
+        head_dim=24)),
+}
+
 
 def make_hf_model(name: str, seed: int = 0):
-  config_cls, overrides = FAMILIES[name]
+  config_cls, overrides = FAMILIES[name] if name in FAMILIES else MOE_FAMILIES[name]
   config = config_cls(**{**BASE, **overrides})
   config._attn_implementation = "eager"
   torch.manual_seed(seed)

@@ -18,6 +18,7 @@ import safetensors.flax
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 
+from jaxinfer.checkpoint import hf_moe
 from jaxinfer.checkpoint.atomic import write_atomic
 from jaxinfer.config import ConfigError
 from jaxinfer.models.config import ModelConfig
@@ -107,7 +108,10 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
   params = _flat_params(state)
   quantized = _quantized_kernels(params, files) if gptq else {}
   params = {p: v for p, v in params.items() if p not in quantized}
+  moe = hf_moe.moe_sources(cfg, params)  # stacked experts: several HF tensors per parameter
+  moe_params, params = {p: params[p] for p in moe}, {p: v for p, v in params.items() if p not in moe}
   expected = {hf_name(p)[0] for p in params} | {f"{prefix}.{t}" for prefix in quantized.values() for t in GPTQ_TENSORS}
+  expected |= hf_moe.expected_names(moe)
   missing = sorted(expected - set(files))
   if missing:
     raise CheckpointError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}"
@@ -141,6 +145,7 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
         raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
       array = jnp.asarray(array.T if transposed else array, dtype=var.get_value().dtype)
       var.set_value(array)
+    hf_moe.load_sources(moe, moe_params, files, CheckpointError)
     model = nnx.merge(graphdef, state)
     _load_quantized(model, quantized, files, gptq, path)
   finally:
@@ -248,8 +253,10 @@ def save_hf(model: Transformer, path: str | os.PathLike) -> Path:
   tensors = _gptq_tensors(quantized, hf_config) if quantized else {}
   path = Path(path)
   path.mkdir(parents=True, exist_ok=True)
+  moe = hf_moe.save_tensors(cfg, _flat_params(model))
+  tensors.update({name: jnp.asarray(value) for name, value in moe.items()})
   for p, var in _flat_params(model).items():
-    if any(p[:len(q)] == q for q in quantized):
+    if any(p[:len(q)] == q for q in quantized) or hf_moe.moe_source(cfg, p, var.get_value().shape):
       continue
     name, transposed = hf_name(p)
     value = jax.device_get(var.get_value())

@@ -10,6 +10,7 @@ from jaxinfer.models.attention import attention
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.kv_cache import KVCache
 from jaxinfer.models.layers import Embed, Linear, RMSNorm
+from jaxinfer.models.moe import make_mlp
 from jaxinfer.models.rope import apply_rope, rope_cos_sin
 
 
@@ -73,7 +74,7 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
     self.self_attn = Attention(cfg, layer, rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt, dtype=dt)
-    self.mlp = MLP(cfg, rngs)
+    self.mlp = make_mlp(cfg, layer, rngs)  # dense SwiGLU or MoE block, by config (jaxinfer/models/moe.py)
 
   def __call__(self, x, cos, sin, positions, segment_ids, cache):
     attn, layer_kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids, cache)
