@@ -15,6 +15,8 @@ section does not stop the rest; the whole run stays under --budget-s, 450 s by d
   2. attention: benchmarks/attention.py --quick (flash attention fwd and fwd+bwd vs xla and cudnn).
   3. decode: benchmarks/decode_attention.py --quick (split-K decode, paged and ragged paged attention).
   4. engine: benchmarks/engine_overhead.py --quick --json (recorded "missing" if that file is absent).
+  5. grouped_matmul: benchmarks/grouped_matmul.py --quick (MoE grouped matmul: every implementation checked
+     forward and backward against the reference, then timed vs ragged_dot; CPU: Pallas in interpret mode).
 Writes DIR/device_check.json (everything, rewritten after each section) and DIR/device_check.md (tables),
 plus each benchmark's own JSON. Exit status 0 when every kernel case passed and every section ran.
 """
@@ -39,6 +41,8 @@ HERE = os.path.join(ROOT, "benchmarks")
 
 # seconds per section (GPU, CPU); unused time passes on to the next section, later budgets stay reserved
 BUDGETS = {"kernels": (200, 240), "attention": (100, 90), "decode": (70, 90), "engine": (70, 120)}
+SECTIONS = tuple(BUDGETS)
+BUDGETS["grouped_matmul"] = (60, 120)  # after the others: it gets what they leave, at least its own
 SECTIONS = tuple(BUDGETS)
 
 
@@ -288,6 +292,36 @@ RUNNERS = {"kernels": section_kernels, "attention": section_attention, "decode":
            "engine": section_engine}
 
 
+def section_grouped_matmul(args, out_dir, timeout_s, env):
+  path = os.path.join(out_dir, "grouped_matmul.json")
+  cmd = [sys.executable, os.path.join(HERE, "grouped_matmul.py"), "--quick", "--out", path]
+  cmd += ["--small", "--interpret", "--iters", "1"] if args.cpu else []
+  res = _subprocess(cmd, timeout_s, env)
+  data = _read_json(path)
+  res["file"] = "grouped_matmul.json" if data else None
+  keys = ("problem", "distribution", "implementation", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_vs_xla",
+          "fwd_bwd_vs_xla", "max_err_out", "max_err_d_lhs", "max_err_d_rhs", "ok", "error")
+  res["rows"] = [{k: r.get(k) for k in keys} for r in (data or {}).get("rows", [])]
+  return res
+
+
+RUNNERS["grouped_matmul"] = section_grouped_matmul
+
+
+def _grouped_matmul_lines(report) -> list:
+  s = report["sections"].get("grouped_matmul")
+  if not s or not s.get("rows"):
+    return []
+  lines = ["", "## Grouped matmul (benchmarks/grouped_matmul.py --quick)", ""]
+  return lines + _table(["problem", "group sizes", "impl", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd vs xla",
+                         "fwd+bwd vs xla", "max err (out, d lhs, d rhs)", "check"],
+                        [(r["problem"], r["distribution"], r["implementation"], r["fwd_ms"], r["fwd_bwd_ms"],
+                          r["fwd_tflops"], r["fwd_vs_xla"], r["fwd_bwd_vs_xla"],
+                          ", ".join(_fmt(r[k], ".1e") for k in ("max_err_out", "max_err_d_lhs", "max_err_d_rhs")),
+                          ("ok" if r["ok"] else "MISMATCH") if r.get("error") is None else r["error"][:60])
+                         for r in s["rows"]])
+
+
 # ================================================================================================ report
 
 
@@ -343,6 +377,7 @@ def markdown(report) -> str:
     lines += ["", "## Engine (benchmarks/engine_overhead.py --quick)", "", f"status: {e.get('status')}"]
     if e.get("result") is not None:
       lines += ["", "```json", json.dumps(e["result"], indent=1, default=str)[:4000], "```"]
+  lines += _grouped_matmul_lines(report)
   return "\n".join(lines) + "\n"
 
 

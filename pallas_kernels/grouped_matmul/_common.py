@@ -100,7 +100,8 @@ def compute_dtype(a, b):
 
 def differentiable(gmm, tgmm):
   """A grouped_matmul(lhs, rhs, group_sizes, out_dtype, options) with the megablox backward, from kernels
-  gmm(lhs [M, K], rhs [G, K, N], group_sizes, out_dtype, options) -> [M, N] and tgmm(lhs [M, K],
+  gmm(lhs [M, K], rhs [G, K, N], group_sizes, out_dtype, options) -> [M, N] (with ("transpose_rhs", True)
+  in options: lhs [M, N] times rhs[g]^T -> [M, K]) and tgmm(lhs [M, K],
   dout [M, N], group_sizes, out_dtype, options) -> [G, K, N] (per group lhs[rows]^T @ dout[rows]).
   out_dtype and options (a hashable tuple of the implementation's keywords) are static."""
 
@@ -113,9 +114,9 @@ def differentiable(gmm, tgmm):
   def bwd(out_dtype, options, res, dout):
     del out_dtype
     lhs, rhs, group_sizes = res
-    # d_lhs[rows of g] = dout[rows] @ rhs[g]^T (rows past the groups get zeros, as their output did). The
-    # transposed rhs is an XLA copy of the weights: the kernels take rhs in one [G, K, N] layout only.
-    d_lhs = gmm(dout, jnp.swapaxes(rhs, 1, 2), group_sizes, jnp.dtype(lhs.dtype), options)
+    # d_lhs[rows of g] = dout[rows] @ rhs[g]^T (rows past the groups get zeros, as their output did); the
+    # kernel reads rhs transposed in its blocks, so no transposed copy of the weights is made
+    d_lhs = gmm(dout, rhs, group_sizes, jnp.dtype(lhs.dtype), options + (("transpose_rhs", True),))
     d_rhs = tgmm(lhs, dout, group_sizes, jnp.dtype(rhs.dtype), options)
     return d_lhs, d_rhs, None
 

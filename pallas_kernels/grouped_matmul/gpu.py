@@ -8,7 +8,8 @@ past the groups are a pseudo-group whose visits store zeros without a matmul; pa
 
 tgmm (rhs's gradient, per group lhs[rows]^T @ dout[rows] -> [G, K, N]): grid (G, K blocks, N blocks); a
 program loops over its group's row tiles (a dynamic trip count from the group's bounds) with row masks, so a
-group with no rows writes zeros.
+group with no rows writes zeros. The backward's d_lhs (dout @ rhs[g]^T) is the gmm kernel reading rhs blocks
+transposed (no transposed copy of the weights).
 
 Triton tiles must be powers of two: M is padded to the row tile (a copy of lhs), and K, N to their blocks (a
 copy of rhs only when they are not multiples of them).
@@ -44,7 +45,8 @@ def _block(size: int, cap: int) -> int:
   return min(cap, max(_MIN_DIM, pl.next_power_of_2(size)))
 
 
-def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *, n_groups, tm, bk, k_steps, dtype):
+def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *, n_groups, tm, bk, k_steps, dtype,
+                transpose_rhs):
   v = pl.program_id(0)
   g, row0 = group_ref[v], tile_ref[v] * tm
   rows = row0 + lax.broadcasted_iota(jnp.int32, (tm, o_ref.shape[1]), 0)
@@ -56,8 +58,9 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *,
     def body(i, acc):
       k0 = pl.multiple_of(i * bk, bk)
       x = lhs_ref[pl.ds(row0, tm), pl.ds(k0, bk)]
-      w = rhs_ref[g, pl.ds(k0, bk), :]
-      return acc + _dot(x, w, dtype)
+      if transpose_rhs:
+        return acc + _dot(x, rhs_ref[g, :, pl.ds(k0, bk)].T, dtype)
+      return acc + _dot(x, rhs_ref[g, pl.ds(k0, bk), :], dtype)
 
     acc = lax.fori_loop(0, k_steps, body, jnp.zeros(mask.shape, jnp.float32))
     plgpu.store(out, acc.astype(o_ref.dtype), mask=mask)
@@ -70,27 +73,30 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *,
 def _options(options):
   o = dict(options) if options else {}
   return (o.get("tm", 64), o.get("tk", 32), o.get("tn", 64), o.get("interpret", False), o.get("num_warps", 4),
-          o.get("num_stages", 2))
+          o.get("num_stages", 2), o.get("transpose_rhs", False))
 
 
 def _gmm(lhs, rhs, group_sizes, out_dtype, options):
-  tm, tk, tn, interpret, num_warps, num_stages = _options(options)
+  tm, tk, tn, interpret, num_warps, num_stages, transpose_rhs = _options(options)
   m, k = lhs.shape
-  n_groups, _, n = rhs.shape
+  n_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   tm, bk, bn = _block(m, tm), _block(k, tk), _block(n, tn)
   mp, kp, np_ = C.round_up(m, tm), C.round_up(k, bk), C.round_up(n, bn)
   lhs = C.pad_axis(C.pad_axis(lhs, 0, mp), 1, kp)
-  rhs = C.pad_axis(C.pad_axis(rhs, 1, kp), 2, np_)
+  k_axis, n_axis = (2, 1) if transpose_rhs else (1, 2)
+  rhs = C.pad_axis(C.pad_axis(rhs, k_axis, kp), n_axis, np_)
+  rhs_spec = (pl.BlockSpec((n_groups, bn, kp), lambda v, j: (0, j, 0)) if transpose_rhs
+              else pl.BlockSpec((n_groups, kp, bn), lambda v, j: (0, 0, j)))
   plan = C.visit_plan(group_sizes, m, mp, tm, tail=True, visit_empty=False)
   n_visits = plan.tile.shape[0]
   meta = pl.BlockSpec((n_visits,), lambda v, j: (0,))
   kernel = functools.partial(_gmm_kernel, n_groups=n_groups, tm=tm, bk=bk, k_steps=kp // bk,
-                             dtype=C.compute_dtype(lhs, rhs))
+                             dtype=C.compute_dtype(lhs, rhs), transpose_rhs=transpose_rhs)
   out = pl.pallas_call(
       kernel,
       grid=(n_visits, np_ // bn),
-      in_specs=[meta] * 4 + [pl.BlockSpec((mp, kp), lambda v, j: (0, 0)),
-                             pl.BlockSpec((n_groups, kp, bn), lambda v, j: (0, 0, j))],
+      in_specs=[meta] * 4 + [pl.BlockSpec((mp, kp), lambda v, j: (0, 0)), rhs_spec],
       out_specs=pl.BlockSpec((mp, bn), lambda v, j: (0, j)),
       out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
@@ -121,7 +127,7 @@ def _tgmm_kernel(starts_ref, ends_ref, lhs_ref, d_ref, o_ref, *, tm, dtype):
 
 
 def _tgmm(lhs, dout, group_sizes, out_dtype, options):
-  tm, tk, tn, interpret, num_warps, num_stages = _options(options)
+  tm, tk, tn, interpret, num_warps, num_stages, _ = _options(options)
   m, k = lhs.shape
   n, n_groups = dout.shape[1], group_sizes.shape[0]
   tm, bk, bn = _block(m, tm), _block(k, tk), _block(n, tn)

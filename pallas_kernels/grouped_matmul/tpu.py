@@ -5,7 +5,8 @@ visit) is scalar-prefetched into SMEM (pltpu.PrefetchScalarGridSpec), so the Blo
 visit's lhs row tile and its group's rhs block. A float32 accumulator lives in VMEM; at the last K step the
 visit's rows (a row mask, for tiles that straddle groups) are written into the output tile, which stays
 resident in VMEM across the consecutive visits of one tile. Rows past the groups are a pseudo-group that
-writes zeros without a matmul.
+writes zeros without a matmul. The backward's d_lhs (dout @ rhs[g]^T) is the same kernel reading rhs blocks
+transposed (no transposed copy of the weights).
 
 tgmm (rhs's gradient, per group lhs[rows]^T @ dout[rows] -> [G, K, N]): grid (K blocks, N blocks, visits); the
 output block of the visit's group stays resident across that group's consecutive visits, zeroed at its first
@@ -48,7 +49,7 @@ def _row_mask(tile_ref, lo_ref, hi_ref, v, shape, axis: int, tm: int):
 
 
 def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, acc_ref, *, n_groups, tm, k_steps,
-                dtype):
+                dtype, transpose_rhs):
   v, k = pl.program_id(1), pl.program_id(2)
 
   @pl.when(k == 0)
@@ -57,7 +58,7 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, ac
 
   @pl.when(group_ref[v] < n_groups)  # the rows-past-the-groups pseudo-group only writes zeros
   def _():
-    acc_ref[...] += mxu_dot(lhs_ref[...].astype(dtype), rhs_ref[...].astype(dtype))
+    acc_ref[...] += mxu_dot(lhs_ref[...].astype(dtype), rhs_ref[...].astype(dtype), trans_b=transpose_rhs)
 
   @pl.when(k == k_steps - 1)
   def _():
@@ -72,8 +73,10 @@ def _options(options):
 def _gmm(lhs, rhs, group_sizes, out_dtype, options):
   o = _options(options)
   tm, tk, tn, interpret = o.get("tm", 128), o.get("tk", 512), o.get("tn", 512), o.get("interpret", False)
+  transpose_rhs = o.get("transpose_rhs", False)
   m, k = lhs.shape
-  n_groups, _, n = rhs.shape
+  n_groups = rhs.shape[0]
+  n = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   tm = min(tm, C.round_up(m, _ROWS))
   mp = C.round_up(m, tm)
   bk, bn = _lane_block(k, tk), _lane_block(n, tn)
@@ -86,18 +89,20 @@ def _gmm(lhs, rhs, group_sizes, out_dtype, options):
     return tile[v], kk
 
   def rhs_map(j, v, kk, tile, group, lo, hi):
-    return jnp.minimum(group[v], last_group), kk, j
+    g = jnp.minimum(group[v], last_group)
+    return (g, j, kk) if transpose_rhs else (g, kk, j)
 
   def out_map(j, v, kk, tile, group, lo, hi):
     return tile[v], j
 
   kernel = functools.partial(_gmm_kernel, n_groups=n_groups, tm=tm, k_steps=k_steps,
-                             dtype=C.compute_dtype(lhs, rhs))
+                             dtype=C.compute_dtype(lhs, rhs), transpose_rhs=transpose_rhs)
+  rhs_block = (None, bn, bk) if transpose_rhs else (None, bk, bn)
   out = pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(n // bn, n_visits, k_steps),
-          in_specs=[pl.BlockSpec((tm, bk), lhs_map), pl.BlockSpec((None, bk, bn), rhs_map)],
+          in_specs=[pl.BlockSpec((tm, bk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
           out_specs=pl.BlockSpec((tm, bn), out_map),
           scratch_shapes=[pltpu.VMEM((tm, bn), jnp.float32)]),
       out_shape=jax.ShapeDtypeStruct((mp, n), out_dtype),
