@@ -295,7 +295,7 @@ RUNNERS = {"kernels": section_kernels, "attention": section_attention, "decode":
 def section_grouped_matmul(args, out_dir, timeout_s, env):
   path = os.path.join(out_dir, "grouped_matmul.json")
   cmd = [sys.executable, os.path.join(HERE, "grouped_matmul.py"), "--quick", "--out", path]
-  cmd += ["--small", "--interpret", "--iters", "1"] if args.cpu else []
+  cmd += ["--small", "--interpret", "--iters", "1", "--impls", "xla,pallas_gpu"] if args.cpu else []
   res = _subprocess(cmd, timeout_s, env)
   data = _read_json(path)
   res["file"] = "grouped_matmul.json" if data else None

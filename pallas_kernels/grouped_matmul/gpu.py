@@ -72,7 +72,7 @@ def _gmm_kernel(tile_ref, group_ref, lo_ref, hi_ref, lhs_ref, rhs_ref, o_ref, *,
 
 def _options(options):
   o = dict(options) if options else {}
-  return (o.get("tm", 64), o.get("tk", 32), o.get("tn", 64), o.get("interpret", False), o.get("num_warps", 4),
+  return (o.get("tm", 64), o.get("tk", 64), o.get("tn", 128), o.get("interpret", False), o.get("num_warps", 4),
           o.get("num_stages", 2), o.get("transpose_rhs", False))
 
 
@@ -161,15 +161,15 @@ def _settings(interpret, tm, tk, tn, num_warps, num_stages):
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, preferred_element_type=None, interpret=False, tm: int = 64,
-                   tk: int = 32, tn: int = 64, num_warps: int = 4, num_stages: int = 2):
+                   tk: int = 64, tn: int = 128, num_warps: int = 4, num_stages: int = 2):
   """Same contract as `pallas_kernels.grouped_matmul`. tm: rows per tile; tk: K rows per step; tn: output
   columns per program (caps, powers of two >= 16; small dimensions use the next power of two)."""
   options = _settings(interpret, tm, tk, tn, num_warps, num_stages)
   return _op(lhs, rhs, group_sizes, jnp.dtype(preferred_element_type or lhs.dtype), options)
 
 
-def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None, interpret=False, tm: int = 64, tk: int = 32,
-         tn: int = 64, num_warps: int = 4, num_stages: int = 2):
+def tgmm(lhs, dout, group_sizes, *, preferred_element_type=None, interpret=False, tm: int = 64, tk: int = 64,
+         tn: int = 128, num_warps: int = 4, num_stages: int = 2):
   """[G, K, N]: per group lhs[rows]^T @ dout[rows], zeros for a group with no rows (the kernel of d rhs)."""
   options = _settings(interpret, tm, tk, tn, num_warps, num_stages)
   return _tgmm(lhs, dout, group_sizes, jnp.dtype(preferred_element_type or lhs.dtype), options)
