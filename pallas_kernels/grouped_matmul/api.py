@@ -82,4 +82,6 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation=None, interpret=Fals
   """
   out_dtype = validate(lhs, rhs, group_sizes, preferred_element_type)
   fn = OP.function(implementation, interpret)
+  if 0 in lhs.shape or rhs.shape[2] == 0:  # nothing to tile: no kernel takes an empty operand
+    return jnp.zeros((lhs.shape[0], rhs.shape[2]), out_dtype)
   return fn(lhs, rhs, group_sizes.astype(jnp.int32), preferred_element_type=out_dtype, interpret=interpret)

@@ -191,3 +191,13 @@ def test_bad_inputs(args, kw, match):
 def test_bad_tiles(kw, match):
   with pytest.raises(ValueError, match=match):
     gpu.grouped_matmul(_L, _R, _S, **kw)
+
+
+@pytest.mark.parametrize("lhs_shape,rhs_shape", [((0, 4), (2, 4, 3)), ((5, 0), (2, 0, 3)), ((5, 4), (2, 4, 0))],
+                         ids=["no_rows", "k0", "n0"])
+def test_empty_operands_give_zeros(lhs_shape, rhs_shape):
+  lhs, rhs = jnp.ones(lhs_shape), jnp.ones(rhs_shape)
+  sizes = jnp.asarray([0, lhs_shape[0]], jnp.int32)
+  for impl in ("xla", "pallas_gpu"):
+    out = api.grouped_matmul(lhs, rhs, sizes, implementation=impl, interpret=True)
+    assert out.shape == (lhs_shape[0], rhs_shape[2]) and not jnp.any(out)
