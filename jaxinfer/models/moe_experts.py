@@ -46,7 +46,8 @@ def grouped_swiglu(xs, group_sizes, w_gate, w_up, w_down, matmul):
   return matmul(h, w_down.astype(dt), group_sizes)
 
 
-def _sorted_experts(matmul):
+def sorted_experts(matmul):
+  """The experts function that sorts assignments by expert and runs SwiGLU through grouped `matmul`."""
   def experts(x, expert_ids, weights, w_gate, w_up, w_down):
     order, token, group_sizes = sort_by_expert(expert_ids, w_gate.shape[0])
     out = grouped_swiglu(x[token], group_sizes, w_gate, w_up, w_down, matmul)
@@ -69,7 +70,7 @@ def _pallas_grouped_matmul(lhs, rhs, group_sizes):
   return grouped_matmul(lhs, rhs, group_sizes)
 
 
-ragged_experts = _sorted_experts(_ragged_dot)
-pallas_experts = _sorted_experts(_pallas_grouped_matmul)
+ragged_experts = sorted_experts(_ragged_dot)
+pallas_experts = sorted_experts(_pallas_grouped_matmul)
 
 IMPLEMENTATIONS = {"dense": dense_experts, "ragged": ragged_experts, "pallas": pallas_experts}
