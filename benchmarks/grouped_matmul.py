@@ -5,6 +5,7 @@ implementation side by side with XLA's jax.lax.ragged_dot measured in the same r
     python benchmarks/grouped_matmul.py --quick --out DIR/grouped_matmul.json    # device check: fewer sizes
     python benchmarks/grouped_matmul.py --small --out /tmp/gmm_cpu.json          # CPU (automatic on cpu)
     python benchmarks/grouped_matmul.py --small --interpret --out /tmp/gmm.json  # CPU, Pallas in interpret mode
+    python benchmarks/grouped_matmul.py --quick --tiles 128x64x128,64x32x64 --out DIR/gmm_tiles.json  # tuning
 
 Importable: `main(["--quick", "--out", path])` runs the same and returns the exit status.
 
@@ -55,6 +56,8 @@ def _parse(argv=None):
   p.add_argument("--impls", default=None, help="comma-separated implementations (default: all available but "
                  "reference)")
   p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 20; 3 small)")
+  p.add_argument("--tiles", default=None, help="extra tile settings TMxTKxTN,... timed for each Pallas "
+                 "implementation beside its defaults (tile tuning), as e.g. pallas_gpu[128x64x128]")
   return p.parse_args(argv)
 
 
@@ -81,8 +84,14 @@ def group_sizes(rng, kind: str, g: int, m: int) -> np.ndarray:
 
 
 def _fns(impl: str, interpret: bool):
-  """(forward, forward+backward) jitted; the backward returns (d lhs, d rhs) of sum(out * ct)."""
-  fn = functools.partial(api.grouped_matmul, implementation=impl, interpret=interpret)
+  """(forward, forward+backward) jitted; the backward returns (d lhs, d rhs) of sum(out * ct). impl may carry
+  tiles, "pallas_gpu[128x64x128]": the module's function with tm, tk, tn."""
+  if "[" in impl:
+    name, tiles = impl.rstrip("]").split("[")
+    tm, tk, tn = (int(t) for t in tiles.split("x"))
+    fn = functools.partial(api.OP.module(name).grouped_matmul, interpret=interpret, tm=tm, tk=tk, tn=tn)
+  else:
+    fn = functools.partial(api.grouped_matmul, implementation=impl, interpret=interpret)
 
   def loss(lhs, rhs, sizes, ct):
     return jnp.sum(fn(lhs, rhs, sizes).astype(jnp.float32) * ct)
@@ -105,6 +114,8 @@ def main(argv=None) -> int:
   impls = (args.impls.split(",") if args.impls else
            [n for n in api.available_implementations(interpret) if n != "reference"])
   impls = ["xla"] + [i for i in impls if i != "xla"]  # the baseline first
+  impls += [f"{i}[{t}]" for t in (args.tiles.split(",") if args.tiles else []) for i in impls
+            if i.startswith("pallas")]
   dists = ("skewed",) if args.quick else ("balanced", "skewed")
   print(f"device: {jax.devices()[0].device_kind} ({backend}), jax {jax.__version__}, implementations: {impls}")
   settings = dict(problems=problems, iters=iters, implementations=impls, dtype="bfloat16", distributions=dists,
