@@ -1,4 +1,4 @@
-"""Device meshes from a config section: axes data, fsdp, tensor, sequence (expert, stage reserved).
+"""Device meshes from a config section: axes data, fsdp, tensor, sequence, expert (stage reserved).
 
 A `mesh` config section holds one size per axis; -1 means "all the devices the other axes leave" (at most one
 axis may say -1). The product must equal the number of devices. Axes of size 1 are kept in the mesh (so specs
@@ -34,7 +34,7 @@ __all__ = ["MESH_AXES", "MeshConfig", "ParallelConfigError", "resolve_mesh_shape
 
 # Order matters: outer (slow, data-like) axes first, so the inner axes land on neighbouring devices.
 MESH_AXES = ("data", "stage", "fsdp", "expert", "sequence", "tensor")
-RESERVED_AXES = ("expert", "stage")  # accepted in configs, must be 1 until the model uses them
+RESERVED_AXES = ("stage",)  # accepted in configs, must be 1 until the model uses them (expert: MoE models)
 
 
 class ParallelConfigError(ValueError):

@@ -135,6 +135,7 @@ class MoEBlock(nnx.Module):
       self.shared_expert = self.shared_expert_gate = None
     self.num_experts, self.top_k, self.norm_topk_prob = cfg.num_experts, cfg.num_experts_per_tok, cfg.norm_topk_prob
     self.capacity_factor, self.impl, self.dtype = cfg.capacity_factor, cfg.moe_impl, dt
+    self.expert_mesh = None  # set by use_expert_parallel (static: part of the graph definition)
 
   def __call__(self, x):
     from parallel.expert_parallel import current_expert_mesh, expert_parallel_experts
@@ -145,7 +146,7 @@ class MoEBlock(nnx.Module):
     expert_ids, weights, probs = route(logits, self.top_k, self.norm_topk_prob)
     cap = capacity(tokens.shape[0], self.top_k, self.num_experts, self.capacity_factor)
     kept_ids, dropped = apply_capacity(expert_ids, self.num_experts, cap)
-    mesh = current_expert_mesh()
+    mesh = self.expert_mesh or current_expert_mesh()
     if mesh is None:
       y = IMPLEMENTATIONS[self.impl](tokens, kept_ids, weights, *self.experts.weights())
     else:
@@ -157,6 +158,21 @@ class MoEBlock(nnx.Module):
       stats = router_statistics(logits, probs, expert_ids, self.num_experts)
       self.sow(nnx.Intermediate, AUX_KEY, stats | {"dropped": dropped.astype(jnp.float32)})
     return y.reshape(shape).astype(x.dtype)
+
+
+def use_expert_parallel(model, mesh):
+  """Every MoE block of `model` dispatches its experts over mesh's `expert` axis (None / size 1: local).
+
+  The mesh becomes a static attribute of the blocks, so it is part of the model's graph definition: anything
+  that splits the model once and jits (generate, the engine) compiles the expert-parallel program. Returns
+  the model."""
+  from parallel.expert_parallel import AXIS
+
+  use = mesh if mesh is not None and mesh.shape.get(AXIS, 1) > 1 else None
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, MoEBlock):
+      module.expert_mesh = use
+  return model
 
 
 def make_mlp(cfg: ModelConfig, layer: int, rngs: nnx.Rngs):

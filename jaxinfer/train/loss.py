@@ -16,3 +16,31 @@ def next_token_nll(logits, targets, loss_mask):
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
   mask = loss_mask.astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def moe_router_loss(aux: list[dict], cfg) -> tuple[jnp.ndarray, dict]:
+  """(weighted router loss, statistics) from the per-layer MoE records of jaxinfer.models.moe.capture_moe_aux.
+
+  loss = router_aux_loss_coef * mean over MoE layers of the load-balancing loss (Switch / Mixtral form)
+       + router_z_loss_coef * mean of the router z-loss (ST-MoE). statistics: the two unweighted means,
+  the per-layer expert load [moe layers, experts] (fraction of assignments) and the dropped assignments.
+  A dense model (no records) gives (0, {}).
+  """
+  if not aux:
+    return jnp.float32(0), {}
+  balance = jnp.mean(jnp.stack([a["load_balance_loss"] for a in aux]))
+  z = jnp.mean(jnp.stack([a["z_loss"] for a in aux]))
+  stats = {"moe_balance_loss": balance, "moe_z_loss": z, "moe_dropped": sum(a["dropped"] for a in aux),
+           "moe_expert_load": jnp.stack([a["expert_load"] for a in aux])}
+  return cfg.router_aux_loss_coef * balance + cfg.router_z_loss_coef * z, stats
+
+
+def moe_record(metrics: dict) -> dict:
+  """The MoE entries of a train step's (host) metrics as JSON values for metrics.jsonl."""
+  out = {}
+  for key in ("moe_balance_loss", "moe_z_loss", "moe_dropped"):
+    if key in metrics:
+      out[key] = float(metrics[key])
+  if "moe_expert_load" in metrics:
+    out["moe_expert_load"] = [[round(float(v), 6) for v in row] for row in metrics["moe_expert_load"]]
+  return out

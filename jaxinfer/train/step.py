@@ -21,7 +21,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxinfer.models.attention import sequence_parallel
-from jaxinfer.train.loss import next_token_nll
+from jaxinfer.models.moe import capture_moe_aux
+from jaxinfer.train.loss import moe_router_loss, next_token_nll
+from parallel.expert_parallel import expert_parallel
 
 BATCH_FIELDS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -40,31 +42,53 @@ def micro_loss(graphdef, params, micro: dict[str, Any], sp_mesh: Mesh | None = N
   return next_token_nll(logits, micro["targets"], micro["loss_mask"])
 
 
-def loss_and_grads(graphdef, params, batch, sp_mesh: Mesh | None = None):
-  """(mean loss over all loss tokens, grads of that mean, token count) for a [accum, rows, seq] batch."""
+def micro_objective(graphdef, params, micro: dict[str, Any], sp_mesh: Mesh | None = None):
+  """(nll sum + token count x weighted MoE router losses, (nll sum, MoE statistics)) of one micro-batch; for a
+  dense model the objective is the nll sum and the statistics are empty."""
+  model = nnx.merge(graphdef, params)
+  with _context(sp_mesh):
+    logits, aux = capture_moe_aux(lambda m, *a: m(*a))(model, micro["inputs"], micro["positions"],
+                                                       micro["segment_ids"])
+  nll, count = next_token_nll(logits, micro["targets"], micro["loss_mask"])
+  router_loss, stats = moe_router_loss(aux, model.config)
+  return nll + count * router_loss, (nll, stats)
+
+
+def loss_and_grads(graphdef, params, batch, sp_mesh: Mesh | None = None, with_stats: bool = False):
+  """(mean loss over all loss tokens, grads of that mean, token count) for a [accum, rows, seq] batch.
+
+  The loss reported is the next-token nll; the gradient also includes the MoE router losses (if any).
+  with_stats: a fourth result, the MoE statistics averaged over the micro-batches ({} for a dense model)."""
   total = jnp.maximum(jnp.sum(batch["loss_mask"].astype(jnp.float32)), 1.0)
+  first = {k: v[0] for k, v in batch.items()}
+  stats_shape = jax.eval_shape(lambda p: micro_objective(graphdef, p, first, sp_mesh)[1][1], params)
 
   def one(carry, micro):
-    grad_sum, nll_sum = carry
-    (nll, _), grads = jax.value_and_grad(
-        lambda p: micro_loss(graphdef, p, micro, sp_mesh), has_aux=True)(params)
+    grad_sum, nll_sum, stats_sum = carry
+    (_, (nll, stats)), grads = jax.value_and_grad(
+        lambda p: micro_objective(graphdef, p, micro, sp_mesh), has_aux=True)(params)
     grad_sum = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads)
-    return (grad_sum, nll_sum + nll), None
+    stats_sum = jax.tree.map(lambda a, s: a + s.astype(jnp.float32), stats_sum, stats)
+    return (grad_sum, nll_sum + nll, stats_sum), None
 
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-  (grad_sum, nll_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0)), batch)
+  stats0 = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), stats_shape)
+  (grad_sum, nll_sum, stats_sum), _ = jax.lax.scan(one, (zeros, jnp.float32(0), stats0), batch)
   grads = jax.tree.map(lambda g: g / total, grad_sum)
+  if with_stats:
+    accum = batch["inputs"].shape[0]
+    return nll_sum / total, grads, total, jax.tree.map(lambda s: s / accum, stats_sum)
   return nll_sum / total, grads, total
 
 
 def train_step(graphdef, tx: optax.GradientTransformation, state, batch, sp_mesh: Mesh | None = None):
-  loss, grads, tokens = loss_and_grads(graphdef, state["params"], batch, sp_mesh)
+  loss, grads, tokens, moe_stats = loss_and_grads(graphdef, state["params"], batch, sp_mesh, with_stats=True)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "loss_tokens": tokens}
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "loss_tokens": tokens, **moe_stats}
 
 
 def eval_step(graphdef, params, batch, sp_mesh: Mesh | None = None):
@@ -121,6 +145,7 @@ def compile_steps(graphdef, tx, abstract_state, state_shardings, batch_shape: tu
                      donate_argnums=(0,) if donate else ())
   eval_fn = jax.jit(lambda params, batch: eval_step(graphdef, params, batch, sp_mesh),
                     in_shardings=(state_shardings["params"], data_sharding), out_shardings=replicated)
-  compiled_train = train_fn.lower(abstract_state, batch_spec(batch_shape)).compile()
-  compiled_eval = eval_fn.lower(abstract_state["params"], batch_spec(eval_shape)).compile()
+  with expert_parallel(mesh):  # MoE blocks dispatch over the `expert` axis when it is > 1 (traced here)
+    compiled_train = train_fn.lower(abstract_state, batch_spec(batch_shape)).compile()
+    compiled_eval = eval_fn.lower(abstract_state["params"], batch_spec(eval_shape)).compile()
   return compiled_train, compiled_eval

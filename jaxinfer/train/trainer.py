@@ -31,6 +31,7 @@ from jaxinfer.models.transformer import Transformer
 from jaxinfer.checkpoint.atomic import write_atomic, write_text_atomic
 from jaxinfer.train.checkpoint import Checkpointer, check_compatible, param_shapes, peek_latest
 from jaxinfer.train.config import validate_sections
+from jaxinfer.train.loss import moe_record
 from jaxinfer.train.flops import peak_flops_per_device, train_flops_per_token
 from jaxinfer.train.optim import make_optimizer
 from jaxinfer.train.remat import apply_remat
@@ -255,6 +256,7 @@ def train(config) -> TrainResult:
                 "mfu": flops_per_token * tps / (peak * mesh.size) if peak else None,
                 "step_time_s": dt, "loss_tokens": int(m["loss_tokens"]),
                 "epoch": (position + step - start_step) * t.batch_size / ds.train.num_rows}
+      record.update(moe_record(m))  # MoE models: router losses, dropped assignments, per-layer expert load
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
       if (t.eval_every and step % t.eval_every == 0) or step == end_step:

@@ -46,7 +46,7 @@ def test_mesh_sizes_resolve_minus_one_and_keep_every_axis():
     (dict(data=2, tensor=2), "mesh.data", "multiply to 4"),
     (dict(data=-1, fsdp=-1), "mesh.fsdp", "at most one axis may be -1"),
     (dict(data=-1, tensor=3), "mesh.data", "does not divide the 8 devices"),
-    (dict(data=4, expert=2), "mesh.expert", "reserved"),
+    (dict(data=4, stage=2), "mesh.stage", "reserved"),
     (dict(data=8, tensor=0), "mesh.tensor", "positive integer or -1"),
     (dict(data=8, dcn_data=3), "mesh.dcn_data", "divisor"),
     (dict(data=8, pipeline=2), "mesh.pipeline", "unknown mesh field"),
