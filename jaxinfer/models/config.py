@@ -307,8 +307,8 @@ def _moe_from_hf(hf: dict[str, Any], model_type: str) -> dict[str, Any]:
 def _moe_to_hf(cfg: ModelConfig) -> dict[str, Any]:
   hf = {"num_local_experts": cfg.num_experts, "num_experts_per_tok": cfg.num_experts_per_tok,
         "router_aux_loss_coef": cfg.router_aux_loss_coef, "output_router_logits": False}
-  if cfg.model_type == "mixtral":
-    return hf
+  if cfg.model_type == "mixtral":  # every layer is MoE; transformers reads the expert width from intermediate_size
+    return hf | {"intermediate_size": cfg.resolved_moe_intermediate_size}
   hf.update(num_experts=cfg.num_experts, norm_topk_prob=cfg.norm_topk_prob,
             moe_intermediate_size=cfg.resolved_moe_intermediate_size, decoder_sparse_step=cfg.decoder_sparse_step,
             mlp_only_layers=list(cfg.mlp_only_layers))
