@@ -13,8 +13,9 @@ automatic, so the logical-axis rules still shard the rest). Per expert-axis devi
   4. combine: the reverse all_to_all brings each result home, where it is weighted and summed per token.
 
 A padded all_to_all moves ep*A rows where a ragged one would move exactly the T*k assignments: the padding is
-the price of one static buffer shape. (jax.lax.ragged_all_to_all exists in JAX 0.10, but XLA's CPU
-backend cannot compile it, and the test machines are CPU: see docs/moe.md.)
+the price of one static buffer shape. jax.lax.ragged_all_to_all exists in JAX 0.10, but XLA:CPU rejects it
+("UNIMPLEMENTED: HLO opcode `ragged-all-to-all` is not supported by XLA:CPU ThunkEmitter"), and every test
+machine is a CPU; a ragged variant for GPU/TPU is future work (docs/moe.md).
 """
 
 from __future__ import annotations
