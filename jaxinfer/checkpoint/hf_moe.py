@@ -84,6 +84,7 @@ def expected_names(sources: dict[tuple, MoESource]) -> set[str]:
 def load_sources(sources: dict[tuple, MoESource], params: dict, files: dict, error: type[Exception]) -> None:
   """Reads every MoE parameter from the checkpoint (files: HF name -> safetensors file) into its variable;
   `error` (hf.CheckpointError) names the file and tensor of a wrong shape or unreadable tensor."""
+  import jax.numpy as jnp
   from safetensors import SafetensorError, safe_open
 
   handles = {}
@@ -111,7 +112,7 @@ def load_sources(sources: dict[tuple, MoESource], params: dict, files: dict, err
           raise error(f"{files[name]}: tensor {name} has shape {shape}, but config.json implies "
                       f"{source.hf_shape()}")
       var = params[path]
-      var.set_value(np.asarray(source.read(read_tensor), dtype=var.get_value().dtype))
+      var.set_value(jnp.asarray(source.read(read_tensor), dtype=var.get_value().dtype))
   finally:
     for h in handles.values():
       h.__exit__(None, None, None)

@@ -18,20 +18,21 @@ MESHES = {"expert2": (dict(expert=2), 2), "expert4": (dict(expert=4), 4), "exper
           "expert2xdata4": (dict(expert=2, data=4), 8)}
 
 
+def _loss_fn(graphdef):
+  def loss(st, t):
+    logits = nnx.merge(graphdef, st)(t)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.cos(jnp.arange(t.shape[1]))), logits
+
+  return jax.jit(jax.value_and_grad(loss, has_aux=True))  # one program: loss, logits and every gradient
+
+
 @pytest.fixture(scope="module")
 def setup():
   cfg = tiny_model_config(model_type="mixtral", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
   model = jaxinfer.init_model(cfg, seed=3)
   graphdef, state = nnx.split(model)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, size=(4, 11)))  # 44: pads for 8
-
-  def loss(st, t):
-    logits = nnx.merge(graphdef, st)(t)
-    return jnp.mean(jax.nn.log_softmax(logits)[..., 0] * jnp.cos(jnp.arange(logits.shape[1])))
-
-  fn = jax.jit(jax.value_and_grad(lambda st, t: loss(st, t)))
-  fwd = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
-  return model, graphdef, state, tokens, fwd, fn, fwd(state, tokens), fn(state, tokens)
+  return model, graphdef, state, tokens, _loss_fn(graphdef)(state, tokens)
 
 
 def _mesh(name):
@@ -41,24 +42,19 @@ def _mesh(name):
 
 @pytest.mark.parametrize("name", sorted(MESHES))
 def test_forward_and_gradients_equal_one_device(setup, name):
-  model, graphdef, state, tokens, _, _, ref_logits, (ref_loss, ref_grads) = setup
+  model, graphdef, state, tokens, ((ref_loss, ref_logits), ref_grads) = setup
   mesh = _mesh(name)
   sharded = jax.device_put(state, state_shardings(state, DEFAULT_RULES, mesh))
   spec = sharded["layers"][0]["mlp"]["experts"]["gate_proj"].get_value().sharding.spec
   assert spec[0] == "expert", spec
   with expert_parallel(mesh):  # traced inside: the MoE blocks dispatch over `expert`
-    fwd = jax.jit(lambda st, t: nnx.merge(graphdef, st)(t))
-    grad_fn = jax.jit(jax.value_and_grad(
-        lambda st, t: jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, st)(t))[..., 0]
-                               * jnp.cos(jnp.arange(t.shape[1])))))
-    compiled = fwd.lower(sharded, tokens).compile()
-    assert "all-to-all" in compiled.as_text()
-    logits = compiled(sharded, tokens)
-    loss, grads = grad_fn(sharded, tokens)
+    compiled = _loss_fn(graphdef).lower(sharded, tokens).compile()
+  assert "all-to-all" in compiled.as_text()
+  (loss, logits), grads = compiled(sharded, tokens)
   assert_close(logits, ref_logits, 1e-5, f"{name} logits")
   assert_close(loss, ref_loss, 1e-5, f"{name} loss")
-  for (path, g), (_, r) in zip(jax.tree_util.tree_flatten_with_path(grads)[0], jax.tree_util.tree_leaves_with_path(
-      ref_grads)):
+  flat_ref = jax.tree_util.tree_leaves(ref_grads)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), flat_ref, strict=True):
     assert_close(g, r, 1e-5, f"{name} grad {jax.tree_util.keystr(path)}")
 
 
