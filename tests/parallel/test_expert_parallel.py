@@ -58,7 +58,7 @@ def test_forward_and_gradients_equal_one_device(setup, name):
     assert_close(g, r, 1e-5, f"{name} grad {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("name", ["expert8", "expert2xdata4"])
+@pytest.mark.parametrize("name", ["expert2xdata4"])  # (test-time budget: one mesh; forward/grads cover all)
 def test_greedy_generation_equals_one_device(setup, name):
   model, graphdef, state, *_ = setup
   mesh = _mesh(name)
