@@ -141,7 +141,7 @@ class Transformer(nnx.Module):
 def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> Transformer:
   """A randomly initialised Transformer; with a mesh, every parameter is created already sharded by its logical
   axes (rules: default parallel.sharding.DEFAULT_RULES, fitted to the model by jaxinfer.models.sharding), with
-  the same values as on one device."""
+  the same random draws as on one device (the initialiser, compiled, may differ in the last bit)."""
   if mesh is None:
     return Transformer(cfg, rngs=nnx.Rngs(seed))
   from jaxinfer.models.sharding import model_rules

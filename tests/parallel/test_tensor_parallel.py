@@ -131,7 +131,8 @@ def test_init_model_on_a_mesh_equals_one_device():
   q = sharded.layers[0].self_attn.q_proj.kernel.get_value()
   assert q.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
   for a, b in zip(jax.tree.leaves(_params(one)), jax.tree.leaves(_params(sharded)), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the same random bits; the normal initialiser compiled under jit may round its last bit differently
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def _params(model):
