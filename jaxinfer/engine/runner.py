@@ -24,7 +24,7 @@ from flax import nnx
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.batch import BuiltStep, StepBatch, buckets, pick_bucket
 from jaxinfer.engine.kv_pool import KVPool
-from jaxinfer.engine.sharding import create_pool, engine_sharding
+from jaxinfer.engine.sharding import create_pool, engine_sharding, to_host
 
 _JITTED: dict = {}  # (graphdef, options) -> jitted step; engines of one model share compiled programs
 
@@ -62,7 +62,7 @@ class InFlight:
 
   def fetch(self) -> tuple[np.ndarray, np.ndarray | None]:
     """Blocks until the step is done; (sampled tokens, log-probs or None if nobody asked)."""
-    return np.asarray(self.sampled), (np.asarray(self.logprobs) if self.want_logprobs else None)
+    return to_host(self.sampled), (to_host(self.logprobs) if self.want_logprobs else None)
 
 
 class ModelRunner:

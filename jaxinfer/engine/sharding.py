@@ -94,3 +94,15 @@ def per_shard(sharding: EngineSharding, fn, q, kp, vp, rest, rest_specs, q_rows=
   ps = P(None, None, sharding.heads)
   return jax.shard_map(fn, mesh=sharding.mesh, in_specs=(qs, ps, ps, *rest_specs), out_specs=qs,
                        check_vma=False)(q, kp, vp, *rest)
+
+
+def to_host(x):
+  """A device array as NumPy. Across processes (multi-host lockstep: every process calls this at the same
+  point) the global value is gathered to every process; otherwise a plain device-to-host copy."""
+  import numpy as np
+
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -149,7 +149,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
   validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_position_embeddings)
   if len(stop_token_ids) > MAX_STOP_IDS:
     raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop ids, got {len(stop_token_ids)}")
-  from jaxinfer.engine.sharding import engine_sharding  # lazily: the engine package imports this module
+  from jaxinfer.engine.sharding import engine_sharding, to_host  # lazily: the engine package imports this module
 
   sharding = engine_sharding(model)
   n = len(prompts)
@@ -169,7 +169,7 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
       row(sampling.temperature, jnp.float32), row(sampling.top_k, jnp.int32), row(sampling.top_p, jnp.float32),
       row(sampling.min_p, jnp.float32), row(sampling.seed, jnp.uint32) + jnp.arange(batch, dtype=jnp.uint32),
       jnp.asarray(stops), max_new_bucket=bucket(max_new_tokens), sharding=sharding)
-  out = np.asarray(out)[:n, :int(steps)]
+  out = to_host(out)[:n, :int(to_host(steps))]
   stop_set = set(int(s) for s in stop_token_ids)
   results = []
   for row_tokens in out.tolist():
