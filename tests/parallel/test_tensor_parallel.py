@@ -138,3 +138,17 @@ def _params(model):
   from flax import nnx
 
   return nnx.state(model, nnx.Param)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.mesh.tensor=3", "mesh.tensor: model num_heads=4 ('heads') is not divisible by tensor=3"),
+    ("--config.mesh.tensor=16", "mesh.tensor: the mesh axes multiply to 16 (tensor=16) but there are 8 devices"),
+])
+def test_cli_impossible_mesh_fails_before_loading(capsys, override, message):
+  from jaxinfer.cli import main
+  from jaxinfer.engine import step as step_lib
+
+  before = step_lib.compilation_count()
+  assert main(["jaxinfer", "generate", "--config", "experiments/default.py", override]) == 2
+  assert message in capsys.readouterr().err
+  assert step_lib.compilation_count() == before
