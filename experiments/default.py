@@ -6,7 +6,7 @@
 
 from ml_collections import config_dict
 
-from jaxinfer.config import engine_section, generate_section, model_section
+from jaxinfer.config import engine_section, mesh_section, generate_section, model_section
 
 
 def get_config() -> config_dict.ConfigDict:
@@ -18,4 +18,5 @@ def get_config() -> config_dict.ConfigDict:
                                num_kv_heads=2, max_position_embeddings=1024)
   config.generate = generate_section()  # jaxinfer.generation.config.GenerateConfig
   config.engine = engine_section()  # jaxinfer.engine.config.EngineConfig
+  config.mesh = mesh_section(data=1)  # one device; --config.mesh.tensor=4: Megatron tensor parallel (docs/sharded_inference.md)
   return config

@@ -89,10 +89,15 @@ def _weight_files(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{single}: corrupt or unreadable safetensors file ({e})") from e
 
 
-def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_overrides) -> Transformer:
+def load_hf(path: str | os.PathLike, dtype: str | None = None, mesh=None, rules=None,
+            **config_overrides) -> Transformer:
   """Reads a Hugging Face Llama-family checkpoint directory into a Transformer.
 
   dtype: parameter and compute dtype ("float32", "bfloat16"); None keeps the checkpoint's own dtype.
+  mesh, rules: with a mesh, every float parameter is created sharded by its logical axes (rules: default
+  parallel.sharding.DEFAULT_RULES, fitted by jaxinfer.models.sharding.model_rules); each device's block is read
+  straight from the file (jaxinfer/checkpoint/tensor_source.py), never a full copy on one device. GPTQ kernels
+  are read whole on the host and replicated over the mesh (not sharded).
   """
   path = Path(path)
   if not path.is_dir():
@@ -101,6 +106,11 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
   ckpt_dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
   dtype = dtype or (ckpt_dtype if ckpt_dtype in ("float32", "bfloat16", "float16") else "float32")
   cfg = read_config(path, **{"param_dtype": dtype, "dtype": dtype, **config_overrides})
+  table = None
+  if mesh is not None:
+    from jaxinfer.models.sharding import model_rules
+
+    table = model_rules(cfg, mesh, rules)  # a mesh the model cannot use fails before any tensor is read
   gptq = _gptq_settings(hf, path)
   abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
@@ -122,36 +132,118 @@ def load_hf(path: str | os.PathLike, dtype: str | None = None, **config_override
                           + (" ..." if len(unexpected) > 8 else ""))
   handles = {}
   try:
-    for file in sorted(set(files[hf_name(p)[0]] for p in params)):
+    for file in sorted(set(files[hf_name(p)[0]] for p in params) | {files[n] for n in hf_moe.expected_names(moe)}):
       if not file.is_file():
         raise CheckpointError(f"{file}: shard listed in {INDEX_FILE} does not exist")
       try:
-        handles[file] = safe_open(file, framework="flax").__enter__()
+        handles[file] = safe_open(file, framework="numpy").__enter__()
       except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{file}: corrupt or unreadable safetensors file ({e})") from e
     for p, var in params.items():
       name, transposed = hf_name(p)
-      handle = handles[files[name]]
-      try:
-        shape = tuple(handle.get_slice(name).get_shape())
-      except SafetensorError as e:
-        raise CheckpointError(f"{files[name]}: tensor {name} unreadable ({e})") from e
-      want = var.get_value().shape[::-1] if transposed else var.get_value().shape
-      if shape != tuple(want):
-        raise CheckpointError(f"{files[name]}: tensor {name} has shape {shape}, but config.json implies {tuple(want)}")
-      try:
-        array = handle.get_tensor(name)
-      except SafetensorError as e:
-        raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
-      array = jnp.asarray(array.T if transposed else array, dtype=var.get_value().dtype)
-      var.set_value(array)
-    hf_moe.load_sources(moe, moe_params, files, CheckpointError)
+      source = _source(handles[files[name]], name, transposed, var, files[name])
+      var.set_value(_assemble(source, _sharding(var, mesh, table, name, files[name]), name, files[name]))
+    for p, var in moe_params.items():  # stacked experts: one source over several HF tensors, sharded the same way
+      source = _moe_source(moe[p], handles, files, var)
+      var.set_value(_assemble(source, _sharding(var, mesh, table, source.name, files[source.name]), source.name,
+                              files[source.name]))
     model = nnx.merge(graphdef, state)
     _load_quantized(model, quantized, files, gptq, path)
   finally:
     for handle in handles.values():
       handle.__exit__(None, None, None)
+  if mesh is not None and quantized:
+    model = _replicate_rest(model, mesh)
   return model
+
+
+def _source(handle, name: str, transposed: bool, var, file: Path):
+  from jaxinfer.checkpoint.tensor_source import HFTensor
+
+  value = var.get_value()
+  try:
+    source = HFTensor(handle, name, transposed, value.dtype)
+  except SafetensorError as e:
+    raise CheckpointError(f"{file}: tensor {name} unreadable ({e})") from e
+  if source.shape != tuple(value.shape):
+    hf_shape = source.shape[::-1] if transposed else source.shape
+    want = value.shape[::-1] if transposed else value.shape
+    raise CheckpointError(f"{file}: tensor {name} has shape {hf_shape}, but config.json implies {tuple(want)}")
+  return source
+
+
+class _StackedExperts:
+  """A TensorSource over hf_moe's per-expert tensors: a block reads only the experts it covers."""
+
+  def __init__(self, moe_source, read_tensor, dtype):
+    self.moe_source, self.read_tensor = moe_source, read_tensor
+    self.name = moe_source.names[0]
+    self.shape, self.dtype = tuple(moe_source.shape), np.dtype(dtype)
+
+  def read(self, index):
+    return self.moe_source.read(self.read_tensor, index).astype(self.dtype, copy=False)
+
+
+def _moe_source(moe_source, handles, files, var):
+  for name in moe_source.names:
+    try:
+      shape = tuple(handles[files[name]].get_slice(name).get_shape())
+    except SafetensorError as e:
+      raise CheckpointError(f"{files[name]}: tensor {name} unreadable ({e})") from e
+    if shape != moe_source.hf_shape():
+      raise CheckpointError(f"{files[name]}: tensor {name} has shape {shape}, but config.json implies "
+                            f"{moe_source.hf_shape()}")
+
+  def read_tensor(name):
+    try:
+      return handles[files[name]].get_tensor(name)
+    except SafetensorError as e:
+      raise CheckpointError(f"{files[name]}: tensor {name} is corrupt ({e})") from e
+
+  return _StackedExperts(moe_source, read_tensor, var.get_value().dtype)
+
+
+def _sharding(var, mesh, table, name: str, file: Path):
+  """Where the parameter goes: the default device without a mesh, else its logical-axis sharding (an axis
+  that does not divide over the mesh is a CheckpointError naming the tensor and the axis)."""
+  if mesh is None:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  from jax.sharding import NamedSharding
+
+  from parallel.mesh import ParallelConfigError
+  from parallel.sharding import logical_to_spec
+
+  axes = var.get_metadata().get("logical_axes")
+  shape = var.get_value().shape
+  if axes is None:
+    return NamedSharding(mesh, jax.sharding.PartitionSpec())
+  try:
+    return NamedSharding(mesh, logical_to_spec(axes, table, mesh, shape, name=f"tensor {name}"))
+  except ParallelConfigError as e:
+    raise CheckpointError(f"{file}: {e}") from None
+
+
+def _assemble(source, sharding, name: str, file: Path):
+  from jaxinfer.checkpoint.tensor_source import assemble
+
+  try:
+    return assemble(source, sharding)
+  except SafetensorError as e:
+    raise CheckpointError(f"{file}: tensor {name} is corrupt ({e})") from e
+
+
+def _replicate_rest(model, mesh):
+  """Arrays not on the mesh yet (GPTQ kernels, read whole) replicated over it, so one jit sees one mesh."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  graphdef, state = nnx.split(model)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(x):
+    on_mesh = isinstance(getattr(x, "sharding", None), NamedSharding) and x.sharding.mesh == mesh
+    return x if on_mesh or not hasattr(x, "shape") else jax.device_put(x, replicated)
+
+  return nnx.merge(graphdef, jax.tree.map(place, state))
 
 
 # ------------------------------------------------------------------------------------------ GPTQ

@@ -12,7 +12,8 @@ import dataclasses
 import logging
 import time
 
-from jaxinfer.checkpoint.hf import load_hf
+from jaxinfer.checkpoint.hf import load_hf, read_config
+from jaxinfer.commands.inference_mesh import inference_mesh
 from jaxinfer.config import ConfigError, from_section
 from jaxinfer.engine import Engine, EngineConfig, RequestRejected
 from jaxinfer.generation.config import GenerateConfig
@@ -42,11 +43,13 @@ def run(config) -> list[str]:
   gen = from_section(GenerateConfig, config.generate, "generate")
   sampling = gen.sampling()
   cfg = from_section(ModelConfig, config.model, "model")  # validated even when a checkpoint replaces it
+  # the mesh section (if any) is checked against the model before any weight is read
+  mesh = inference_mesh(config.get("mesh"), read_config(gen.checkpoint) if gen.checkpoint else cfg)
   if gen.checkpoint:
-    model = load_hf(gen.checkpoint)
+    model = load_hf(gen.checkpoint, mesh=mesh)
     log.info("loaded %s (%s, %d layers)", gen.checkpoint, model.config.model_type, model.config.num_layers)
   else:
-    model = init_model(cfg, seed=config.seed)
+    model = init_model(cfg, seed=config.seed, mesh=mesh)
     log.info("no checkpoint: randomly initialised %s model from the config (seed %d)", cfg.model_type, config.seed)
   tokenizer = tokenizer_for(gen.checkpoint or None, model.config.vocab_size)
   texts = gen.texts

@@ -31,7 +31,7 @@ def run(config):
   serve, engine_config = load(config)
   from jaxinfer.serve import model_source, server
 
-  served = model_source.load_served_model(serve, seed=config.get("seed", 0))
+  served = model_source.load_served_model(serve, seed=config.get("seed", 0), mesh_section=config.get("mesh"))
   print(f"jaxinfer serve: serving {served.name!r}: {served.describe}", flush=True)
   serving = server.create(served, engine_config, max_queue=serve.max_queue, warmup=serve.warmup)
   ec = serving.engine_config

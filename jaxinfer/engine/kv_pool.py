@@ -27,9 +27,11 @@ class KVPool:
   positions: jax.Array | None = None  # [num_pages * page_size] int32, when tracked
 
   @classmethod
-  def create(cls, model_config, num_pages: int, page_size: int, dtype=None, track_positions: bool = False):
+  def create(cls, model_config, num_pages: int, page_size: int, dtype=None, track_positions: bool = False,
+             kv_repeat: int = 1):
+    """kv_repeat > 1: each KV head stored that many times (a pool sharded over more devices than KV heads)."""
     dtype = jnp.dtype(dtype or model_config.dtype)
-    shape = (num_pages, page_size, model_config.num_kv_heads, model_config.resolved_head_dim)
+    shape = (num_pages, page_size, model_config.num_kv_heads * kv_repeat, model_config.resolved_head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(model_config.num_layers))  # noqa: E731
     positions = jnp.full((num_pages * page_size,), -1, jnp.int32) if track_positions else None
     return cls(k=zeros(), v=zeros(), positions=positions)

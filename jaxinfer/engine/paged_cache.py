@@ -30,7 +30,10 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
+from jax.sharding import PartitionSpec as P
+
 from jaxinfer.engine.kv_pool import KVPool, store
+from jaxinfer.engine.sharding import per_shard, repeat_kv
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
 
@@ -64,6 +67,8 @@ class PagedKVCache:
   attention_impl: str | None = struct.field(pytree_node=False, default=None)
   prefix_impl: str | None = struct.field(pytree_node=False, default=None)
   interpret: bool = struct.field(pytree_node=False, default=False)
+  # a sharded model (jaxinfer/engine/sharding.py EngineSharding): attention runs per shard under shard_map
+  sharding: object = struct.field(pytree_node=False, default=None)
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -104,24 +109,41 @@ class PagedKVCache:
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
-    kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k[0], v[0])
-    if self.group_table is None and self.decode_only:
-      out = pallas_kernels.paged_attention(
-          q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens,
-          sliding_window=sliding_window, implementation=self.attention_impl, interpret=self.interpret)
-    elif self.group_table is None:
-      out = pallas_kernels.ragged_paged_attention(
-          q[0], kp.astype(q.dtype), vp.astype(q.dtype), self.page_table, self.kv_lens, self.cu_q_lens,
-          self.num_seqs, sliding_window=sliding_window, implementation=self.attention_impl,
-          interpret=self.interpret)
+    kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, repeat_kv(self.sharding, k[0]),
+                   repeat_kv(self.sharding, v[0]))
+    q0, kq, vq = q[0], kp.astype(q.dtype), vp.astype(q.dtype)
+    if self.sharding is None:
+      out = self._attention(q0, kq, vq, positions[0], sliding_window)
+    elif self.group_table is None and self.decode_only:
+      # decode rows are independent: split them over the data axis too
+      rows = self.sharding.rows(q0.shape[0]) if q0.shape[0] == self.page_table.shape[0] else None
+      meta = self.replace(k_pages=(), v_pages=(), page_table=None, kv_lens=None)  # nothing closed over
+      fn = lambda q_, k_, v_, m, table, lens: m.replace(page_table=table, kv_lens=lens)._attention(  # noqa: E731
+          q_, k_, v_, None, sliding_window)
+      out = per_shard(self.sharding, fn, q0, kq, vq, (meta, self.page_table, self.kv_lens),
+                      (P(), P(rows), P(rows)), q_rows=rows)
     else:
-      out = self._shared_prefix_attend(q[0], kp.astype(q.dtype), vp.astype(q.dtype), positions[0], sliding_window)
+      meta = self.replace(k_pages=(), v_pages=())  # the per-step metadata, replicated over the mesh
+      fn = lambda q_, k_, v_, m, pos: m._attention(q_, k_, v_, pos, sliding_window)  # noqa: E731
+      out = per_shard(self.sharding, fn, q0, kq, vq, (meta, positions[0]), (P(), P()))
     return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp)
+
+  def _attention(self, q, kp, vp, positions, sliding_window):
+    """q [T, heads, d] over pages kp / vp (one shard's heads, or all of them): the step's kernel."""
+    if self.group_table is None and self.decode_only:
+      return pallas_kernels.paged_attention(
+          q, kp, vp, self.page_table, self.kv_lens, sliding_window=sliding_window,
+          implementation=self.attention_impl, interpret=self.interpret)
+    if self.group_table is None:
+      return pallas_kernels.ragged_paged_attention(
+          q, kp, vp, self.page_table, self.kv_lens, self.cu_q_lens, self.num_seqs, sliding_window=sliding_window,
+          implementation=self.attention_impl, interpret=self.interpret)
+    return self._shared_prefix_attend(q, kp, vp, positions, sliding_window)
 
   def _shared_prefix_attend(self, q, kp, vp, positions, sliding_window):
     """q [T, heads, d] -> [T, heads, d]: prefix part once per group + each sequence's suffix, lse-merged."""
     t = q.shape[0]
-    ps, pps = self.page_size, self.page_table.shape[1]
+    ps, pps = kp.shape[1], self.page_table.shape[1]
     shift = self.seq_prefix_lens // ps  # [S] pages each sequence's group covers
     cols = jnp.clip(jnp.arange(pps, dtype=jnp.int32)[None, :] + shift[:, None], 0, pps - 1)
     suffix_table = jnp.take_along_axis(self.page_table, cols, axis=1)

@@ -24,6 +24,7 @@ from flax import nnx
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.batch import BuiltStep, StepBatch, buckets, pick_bucket
 from jaxinfer.engine.kv_pool import KVPool
+from jaxinfer.engine.sharding import create_pool, engine_sharding, to_host
 
 _JITTED: dict = {}  # (graphdef, options) -> jitted step; engines of one model share compiled programs
 
@@ -33,15 +34,15 @@ def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
 
 
 def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool,
-                 decode_only: bool):
+                 decode_only: bool, sharding=None):
   """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
   only the flat list of parameter arrays, so no step walks the NNX state either)."""
-  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only)
+  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding)
   fn = _JITTED.get(key)
   if fn is None:
     fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
                                    attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret,
-                                   decode_only=decode_only),
+                                   decode_only=decode_only, sharding=sharding),
                  donate_argnums=(1,))
     _JITTED[key] = fn
   return fn
@@ -61,7 +62,7 @@ class InFlight:
 
   def fetch(self) -> tuple[np.ndarray, np.ndarray | None]:
     """Blocks until the step is done; (sampled tokens, log-probs or None if nobody asked)."""
-    return np.asarray(self.sampled), (np.asarray(self.logprobs) if self.want_logprobs else None)
+    return to_host(self.sampled), (to_host(self.logprobs) if self.want_logprobs else None)
 
 
 class ModelRunner:
@@ -70,15 +71,19 @@ class ModelRunner:
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
     self.state_leaves, state_def = jax.tree.flatten(self.state)
-    self.pool = KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_dtype,
-                              track_positions=cfg.track_slot_positions)
+    # a sharded model: the pool sharded by kv heads, attention per shard (jaxinfer/engine/sharding.py)
+    self.sharding = engine_sharding(model)
+    repeat = self.sharding.kv_repeat if self.sharding is not None else 1
+    self.pool = create_pool(lambda: KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_dtype,
+                                                  track_positions=cfg.track_slot_positions, kv_repeat=repeat),
+                            self.sharding)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
     # decode-only steps (one token per sequence, no prefix groups) have programs of their own (decode kernel)
     self._steps = {flag: _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
-                                      cfg.interpret, flag) for flag in (False, True)}
+                                      cfg.interpret, flag, self.sharding) for flag in (False, True)}
     self.copy_buckets = buckets(1, cfg.max_batch_size)
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0

@@ -38,7 +38,7 @@ def compilation_count() -> int:
 
 
 def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, *, max_rows: int,
-                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False):
+                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False, sharding=None):
   _compilations["count"] += 1  # runs at trace time only
   t, s, r, g = batch.shape
   log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s%s)", _compilations["count"],
@@ -50,7 +50,7 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
                        cu_q_lens=a.cu_q_lens, num_seqs=a.num_seqs, slots=a.slot_mapping,
                        group_rows=a.group_rows, group_table=a.group_table, group_lens=a.group_lens,
                        seq_prefix_lens=a.seq_prefix_lens, attention_impl=attention_impl, prefix_impl=prefix_impl,
-                       interpret=interpret, decode_only=decode_only)
+                       interpret=interpret, decode_only=decode_only, sharding=sharding)
   seq, valid = token_sequence(a.cu_q_lens, a.num_seqs, t)
   segment_ids = jnp.where(valid, seq, -1)[None]
   hidden, cache = model(tokens[None], a.positions[None], segment_ids, cache, return_hidden=True)

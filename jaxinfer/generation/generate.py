@@ -59,7 +59,7 @@ def validate_prompts(prompts, max_new_tokens: int, vocab_size: int, max_position
 
 
 def _generate_padded(graphdef, state, tokens, lengths, max_new_tokens, temperature, top_k, top_p, min_p, seeds,
-                     stop_ids, *, max_new_bucket: int):
+                     stop_ids, *, max_new_bucket: int, sharding=None):
   _compilations["count"] += 1  # runs at trace time only
   log.info("compiling decode program: batch=%d prompt=%d new=%d", tokens.shape[0], tokens.shape[1], max_new_bucket)
   model = nnx.merge(graphdef, state)
@@ -69,6 +69,8 @@ def _generate_padded(graphdef, state, tokens, lengths, max_new_tokens, temperatu
   positions = jnp.maximum(index - pad[:, None], 0)
   segments = jnp.where(index >= pad[:, None], TOKEN_SEGMENT, PAD_SEGMENT).astype(jnp.int32)
   cache = KVCache.create(model.config, batch, prompt_len + max_new_bucket)
+  if sharding is not None:
+    cache = _constrain_cache(cache, sharding, model.config)
   logits, cache = model(tokens, positions, segments, cache)
 
   def pick(logits_last, step):
@@ -110,9 +112,29 @@ def _split(model):
     fn = _DECODE_FNS.get(graphdef)
     if fn is None:
       fn = _DECODE_FNS[graphdef] = jax.jit(functools.partial(_generate_padded, graphdef),
-                                           static_argnames=("max_new_bucket",))
+                                           static_argnames=("max_new_bucket", "sharding"))
     entry = _SPLITS[model] = (graphdef, state, fn)
   return entry
+
+
+def _constrain_cache(cache, sharding, cfg):
+  """A sharded model's cache: rows over data, KV heads over the heads' axes when they divide (else replicated;
+  XLA's partitioner then serves every query-head shard from the whole, small, KV)."""
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  rows = sharding.rows(cache.k[0].shape[0])
+  heads = sharding.heads if sharding.kv_repeat == 1 else None
+  kv = NamedSharding(sharding.mesh, P(rows, None, heads, None))
+  meta = NamedSharding(sharding.mesh, P(rows))
+  return cache.replace(k=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.k),
+                       v=tuple(jax.lax.with_sharding_constraint(x, kv) for x in cache.v),
+                       positions=jax.lax.with_sharding_constraint(cache.positions, meta),
+                       segment_ids=jax.lax.with_sharding_constraint(cache.segment_ids, meta))
+
+
+def _data_size(sharding) -> int:
+  return 1 if sharding is None else int(np.prod([sharding.mesh.shape[a] for a in sharding.row_axes]))
 
 
 def forget(model) -> None:
@@ -127,8 +149,11 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
   validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_position_embeddings)
   if len(stop_token_ids) > MAX_STOP_IDS:
     raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop ids, got {len(stop_token_ids)}")
+  from jaxinfer.engine.sharding import engine_sharding, to_host  # lazily: the engine package imports this module
+
+  sharding = engine_sharding(model)
   n = len(prompts)
-  batch = bucket(n, minimum=1)
+  batch = bucket(max(n, _data_size(sharding)), minimum=1)  # rows split evenly over a data axis
   prompt_len = bucket(max(len(p) for p in prompts))
   tokens = np.zeros((batch, prompt_len), np.int32)
   lengths = np.ones((batch,), np.int32)  # padding rows hold a single token 0
@@ -143,8 +168,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
       state, jnp.asarray(tokens), jnp.asarray(lengths), jnp.int32(max_new_tokens),
       row(sampling.temperature, jnp.float32), row(sampling.top_k, jnp.int32), row(sampling.top_p, jnp.float32),
       row(sampling.min_p, jnp.float32), row(sampling.seed, jnp.uint32) + jnp.arange(batch, dtype=jnp.uint32),
-      jnp.asarray(stops), max_new_bucket=bucket(max_new_tokens))
-  out = np.asarray(out)[:n, :int(steps)]
+      jnp.asarray(stops), max_new_bucket=bucket(max_new_tokens), sharding=sharding)
+  out = to_host(out)[:n, :int(to_host(steps))]
   stop_set = set(int(s) for s in stop_token_ids)
   results = []
   for row_tokens in out.tolist():

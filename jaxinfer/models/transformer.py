@@ -139,5 +139,14 @@ class Transformer(nnx.Module):
     return out, cache.finish(layer_kvs, s)
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
-  return Transformer(cfg, rngs=nnx.Rngs(seed))
+def init_model(cfg: ModelConfig, seed: int = 0, mesh=None, rules=None) -> Transformer:
+  """A randomly initialised Transformer; with a mesh, every parameter is created already sharded by its logical
+  axes (rules: default parallel.sharding.DEFAULT_RULES, fitted to the model by jaxinfer.models.sharding), with
+  the same random draws as on one device (the initialiser, compiled, may differ in the last bit)."""
+  if mesh is None:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+  from jaxinfer.models.sharding import model_rules
+  from parallel.sharding import create_sharded_module
+
+  model, _ = create_sharded_module(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)), mesh, model_rules(cfg, mesh, rules))
+  return model

@@ -55,12 +55,14 @@ def _is_training_export(path: Path) -> bool:
     return False
 
 
-def from_checkpoint(path: Path, name: str, stop_at_eos: bool, template_file: str = "") -> ServedModel:
-  from jaxinfer.checkpoint.hf import load_hf, load_tokenizer
+def from_checkpoint(path: Path, name: str, stop_at_eos: bool, template_file: str = "", mesh_section=None
+                    ) -> ServedModel:
+  from jaxinfer.checkpoint.hf import load_hf, load_tokenizer, read_config
+  from jaxinfer.commands.inference_mesh import inference_mesh
 
   if not (path / "config.json").is_file():
     raise ConfigError(f"serve.checkpoint: {path} has no config.json (a Hugging Face model folder is expected)")
-  model = load_hf(path)
+  model = load_hf(path, mesh=inference_mesh(mesh_section, read_config(path)))
   tokenizer = (HFTokenizer(load_tokenizer(path)) if (path / "tokenizer.json").is_file()
                else _byte_tokenizer(model.config.vocab_size, f"serve.checkpoint: {path}"))
   template, source = templates.from_checkpoint(path)
@@ -84,15 +86,16 @@ def _byte_tokenizer(vocab: int, where: str):
   return ByteTokenizer()
 
 
-def random_model(cfg, name: str = "", template_file: str = "", seed: int = 0) -> ServedModel:
+def random_model(cfg, name: str = "", template_file: str = "", seed: int = 0, mesh_section=None) -> ServedModel:
   import jaxinfer
+  from jaxinfer.commands.inference_mesh import inference_mesh
 
   heads = 4
   mc = jaxinfer.ModelConfig(vocab_size=cfg.random_vocab_size, hidden_size=cfg.random_hidden_size,
                             intermediate_size=cfg.random_hidden_size * 2, num_layers=cfg.random_num_layers,
                             num_heads=heads, num_kv_heads=2, max_position_embeddings=cfg.random_max_len,
                             initializer_range=0.2)
-  model = jaxinfer.init_model(mc, seed=seed)
+  model = jaxinfer.init_model(mc, seed=seed, mesh=inference_mesh(mesh_section, mc))
   template, source = templates.SIMPLE_TEMPLATE, "jaxinfer's simple template"
   if template_file:
     template, source = Path(template_file).read_text(), template_file
@@ -102,19 +105,20 @@ def random_model(cfg, name: str = "", template_file: str = "", seed: int = 0) ->
                      f"{source})")
 
 
-def load_served_model(cfg, seed: int = 0) -> ServedModel:
-  """The model `cfg` (a ServeConfig) asks for, with what was chosen logged."""
+def load_served_model(cfg, seed: int = 0, mesh_section=None) -> ServedModel:
+  """The model `cfg` (a ServeConfig) asks for, with what was chosen logged; sharded over the mesh a `mesh`
+  config section describes (None: one device)."""
   if cfg.checkpoint:
     path = Path(cfg.checkpoint)
     if not path.is_dir():
       raise ConfigError(f"serve.checkpoint: {path} is not a folder")
-    served = from_checkpoint(path, cfg.model_name, cfg.stop_at_eos, cfg.chat_template)
+    served = from_checkpoint(path, cfg.model_name, cfg.stop_at_eos, cfg.chat_template, mesh_section)
   elif (Path(os.getcwd()) / QUICKSTART_EXPORT / "config.json").is_file():
     served = from_checkpoint(Path(os.getcwd()) / QUICKSTART_EXPORT, cfg.model_name, cfg.stop_at_eos,
-                             cfg.chat_template)
+                             cfg.chat_template, mesh_section)
     served.describe = f"the quickstart export: {served.describe}"
   else:
-    served = random_model(cfg, cfg.model_name, cfg.chat_template, seed)
+    served = random_model(cfg, cfg.model_name, cfg.chat_template, seed, mesh_section)
     served.describe = (f"no checkpoint and no {QUICKSTART_EXPORT} here: {served.describe}")
   log.info("serving %r: %s", served.name, served.describe)
   return served

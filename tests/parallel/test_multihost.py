@@ -1,6 +1,7 @@
 """Multi-host path on one machine: two processes (4 CPU devices each, localhost coordinator) run the tiny
-experiment through `jaxinfer train`, with a DCN-split mesh across the processes, and agree with one process
-holding all 8 devices."""
+experiment through `jaxinfer train`, with a DCN-split mesh across the processes, then (in the same launch, so one
+start-up serves both) greedy generate and Engine on the exported HF checkpoint sharded over data=2 (across the
+processes) x tensor=4, and agree with one process holding all 8 devices."""
 
 import importlib.util
 import json
@@ -15,6 +16,7 @@ import pytest
 from parallel.distributed import detect_cluster, initialize_from_env
 
 REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "multihost_worker.py"
 OVERRIDES = ["--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.train.eval_every=0",
              "--config.train.sample_prompts=()", "--config.train.progress=False", "--config.mesh.data=2",
              "--config.mesh.fsdp=4"]
@@ -52,7 +54,7 @@ def test_two_processes_train_like_one(tmp_path):
                JAX_DEFAULT_MATMUL_PRECISION="highest", JAXINFER_COORDINATOR=f"localhost:{port}",
                JAXINFER_NUM_PROCESSES="2", JAXINFER_PROCESS_ID=str(pid),
                PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    args = [sys.executable, "-m", "jaxinfer.cli", "train", "--config", "experiments/tiny.py",
+    args = [sys.executable, str(WORKER), "--config", "experiments/tiny.py",
             f"--config.workdir={workdir}", f"--config.data.cache_dir={cache}", "--config.mesh.dcn_data=2",
             *OVERRIDES]
     procs.append(subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -67,6 +69,9 @@ def test_two_processes_train_like_one(tmp_path):
       raise
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-4000:]
+  inferred = [json.loads(next(line for line in out.splitlines() if line.startswith("INFERENCE "))[10:])
+              for out in outputs]
+  assert inferred[0] == inferred[1]  # both processes saw the same tokens
   two = _losses(workdir)
   assert sorted(two) == [1, 2]  # written once, by process 0
   assert (workdir / "checkpoints" / "2").is_dir()
@@ -87,3 +92,9 @@ def test_two_processes_train_like_one(tmp_path):
   one = train(config).losses
   for step in (1, 2):
     assert two[step] == pytest.approx(one[step], rel=1e-5, abs=1e-6), step
+
+  # inference on the two processes' export, in this one process over its 8 devices: the same tokens
+  worker_spec = importlib.util.spec_from_file_location("multihost_worker", WORKER)
+  worker = importlib.util.module_from_spec(worker_spec)
+  worker_spec.loader.exec_module(worker)
+  assert worker.infer(workdir / "hf") == inferred[0]
