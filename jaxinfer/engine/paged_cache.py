@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
+from jaxinfer.engine import kv_quant
 from jaxinfer.engine.kv_pool import KVPool, store
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
@@ -64,6 +65,9 @@ class PagedKVCache:
   attention_impl: str | None = struct.field(pytree_node=False, default=None)
   prefix_impl: str | None = struct.field(pytree_node=False, default=None)
   interpret: bool = struct.field(pytree_node=False, default=False)
+  # a quantized pool (int8 / float8_e4m3fn pages): per-layer float32 scales (jaxinfer/engine/kv_quant.py)
+  k_scales: tuple | None = None
+  v_scales: tuple | None = None
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -104,6 +108,8 @@ class PagedKVCache:
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
+    if self.k_scales is not None:
+      return self._quantized_attend(layer, q, k, v, sliding_window)
     kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k[0], v[0])
     if self.group_table is None and self.decode_only:
       out = pallas_kernels.paged_attention(
@@ -117,6 +123,23 @@ class PagedKVCache:
     else:
       out = self._shared_prefix_attend(q[0], kp.astype(q.dtype), vp.astype(q.dtype), positions[0], sliding_window)
     return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp)
+
+  def _quantized_attend(self, layer, q, k, v, sliding_window):
+    """Quantize-on-write, then the paged kernels on the quantized pool with its scales (each dequantizes the
+    tiles it loads; the pool is never converted as a whole)."""
+    if self.group_table is not None:
+      raise NotImplementedError("shared-prefix attention over a quantized KV pool (EngineConfig rejects it)")
+    b, t, heads, d = q.shape
+    kp, vp, ks, vs = kv_quant.store(self.k_pages[layer], self.v_pages[layer], self.k_scales[layer],
+                                    self.v_scales[layer], self.slots, k[0], v[0])
+    quant = dict(k_scales=ks, v_scales=vs, sliding_window=sliding_window, implementation=self.attention_impl,
+                 interpret=self.interpret)
+    if self.decode_only:
+      out = pallas_kernels.paged_attention(q[0], kp, vp, self.page_table, self.kv_lens, **quant)
+    else:
+      out = pallas_kernels.ragged_paged_attention(q[0], kp, vp, self.page_table, self.kv_lens, self.cu_q_lens,
+                                                  self.num_seqs, **quant)
+    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, ks, vs)
 
   def _shared_prefix_attend(self, q, kp, vp, positions, sliding_window):
     """q [T, heads, d] -> [T, heads, d]: prefix part once per group + each sequence's suffix, lse-merged."""
@@ -142,5 +165,8 @@ class PagedKVCache:
 
   def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
     del num_tokens
+    scales = {}
+    if self.k_scales is not None:
+      scales = dict(k_scales=tuple(kv[2] for kv in layer_kvs), v_scales=tuple(kv[3] for kv in layer_kvs))
     return self.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
-                        slots=None)
+                        slots=None, **scales)

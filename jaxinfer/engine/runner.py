@@ -70,8 +70,9 @@ class ModelRunner:
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
     self.state_leaves, state_def = jax.tree.flatten(self.state)
-    self.pool = KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_dtype,
-                              track_positions=cfg.track_slot_positions)
+    self.pool = KVPool.create(model.config, cfg.num_pages, cfg.page_size, cfg.kv_cache_dtype or cfg.kv_dtype,
+                              track_positions=cfg.track_slot_positions,
+                              key_granularity=cfg.kv_quant_key_granularity)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
     self.max_rows = max_rows
