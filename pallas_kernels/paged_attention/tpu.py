@@ -203,7 +203,8 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
       quant_specs += [pl.BlockSpec((None, cols, 1), functools.partial(page_map, j)) for j in range(ppb)]
     else:
       r = lay.pages_per_scale
-      row_map = lambda j, *a: (lambda p, x, y: (p // r, x, y))(*page_map(j, *a))  # noqa: E731
+      # page ids are >= 0: lax.div (no floor-division sign fix-up, which Mosaic cannot lower off a TPU)
+      row_map = lambda j, *a: (lambda p, x, y: (p if r == 1 else lax.div(p, r), x, y))(*page_map(j, *a))  # noqa: E731
       quant_args += [scales.reshape(scales.shape[0], hkv, d)] * ppb
       quant_specs += [pl.BlockSpec((None, hkv, d), functools.partial(row_map, j)) for j in range(ppb)]
   if "channel" in (getattr(k_lay, "kind", None), getattr(v_lay, "kind", None)):
