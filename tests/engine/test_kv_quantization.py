@@ -196,22 +196,27 @@ def test_pool_bytes_and_budget(model):
 # ----------------------------------------------------------------------------------- model-level numerics
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_teacher_forced_logits_against_float_cache(model, dtype):
-  """Chunked prefill (ragged kernel, chunks ending mid-page) and one-token decode steps (decode kernel)."""
+@pytest.fixture(scope="module")
+def prompt_and_float_logits(model):
   ids = np.random.default_rng(0).integers(0, model.config.vocab_size, 24)
   ref = paged_logits(model, ids, page_size=8, chunk=16)
   dense = np.asarray(model(jnp.asarray(ids)[None]))[0]
   np.testing.assert_allclose(ref, dense, atol=1e-4)  # the float paged path is the model
+  return ids, ref
+
+
+@pytest.mark.parametrize("dtype,chunk,gran", [("int8", 16, "per_channel"), ("float8_e4m3fn", 1, "per_token")])
+def test_teacher_forced_logits_against_float_cache(model, prompt_and_float_logits, dtype, chunk, gran):
+  """Chunked prefill (ragged kernel, chunks ending mid-page) or one-token decode steps (decode kernel)."""
+  ids, ref = prompt_and_float_logits
   scale = max(1.0, float(np.abs(ref).max()))
-  for chunk, gran in [(16, "per_channel"), (1, "per_token")]:
-    got = paged_logits(model, ids, kv_cache_dtype=dtype, page_size=8, chunk=chunk, key_granularity=gran)
-    err = float(np.abs(got - ref).max())
-    agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
-    print(f"{dtype} {gran} chunk={chunk}: max |logit err| {err:.3g} (scale {scale:.3g}), greedy agreement "
-          f"{agree:.3f}")
-    assert 0 < err <= LOGIT_TOL[dtype] * scale, err
-    assert agree >= AGREE[dtype], agree
+  got = paged_logits(model, ids, kv_cache_dtype=dtype, page_size=8, chunk=chunk, key_granularity=gran)
+  err = float(np.abs(got - ref).max())
+  agree = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+  print(f"{dtype} {gran} chunk={chunk}: max |logit err| {err:.3g} (scale {scale:.3g}), greedy agreement "
+        f"{agree:.3f}")
+  assert 0 < err <= LOGIT_TOL[dtype] * scale, err
+  assert agree >= AGREE[dtype], agree
 
 
 def test_engine_generates_with_quantized_kv(model):

@@ -224,7 +224,10 @@ def test_quantized_reference_is_reference_on_dequantized_cache(qcase):
   assert_close(_quant_reference(qcase), expected, 0.0 if q.dtype == jnp.float32 else TOL[qcase[0].dtype][0], "out")
 
 
-@pytest.mark.parametrize("qcase,impl", [(c, i) for c in QUANT_CASES for i in IMPLS], ids=_QID)
+# pallas_tpu (the slowest in interpret mode) on the per-channel case only: it exercises scale rows shared by
+# several pages of the contiguous cache's page view
+@pytest.mark.parametrize("qcase,impl", [(c, i) for c in QUANT_CASES for i in IMPLS
+                                        if i != "pallas_tpu" or c[2] == "channel"], ids=_QID)
 def test_quantized_matches_reference(qcase, impl):
   args, scales = quant_inputs(*qcase)
   o = jax.jit(functools.partial(IMPLS[impl], **scales, **kwargs(qcase[0])))(*args)
