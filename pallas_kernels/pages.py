@@ -19,16 +19,6 @@ def as_pages(k, v, page_size_hint: int):
   return k.reshape(b * n, ps, hkv, d), v.reshape(b * n, ps, hkv, d), table
 
 
-def as_scale_pages(scales, pages):
-  """A contiguous cache's scales [batch, max_kv_len, kv_heads, 1] (per token) or [batch, 1, kv_heads, d]
-  (per channel of each sequence) in the layout of the paged kernels for `pages` (from as_pages): per token a
-  free reshape to [num_pages, page_size, kv_heads, 1]; per channel unchanged (one scale row per sequence, so
-  num_pages / batch pages per row; see paged_attention/_quant.py)."""
-  if scales.shape[-1] == 1 and scales.shape[0] * scales.shape[1] == pages.shape[0] * pages.shape[1]:
-    return scales.reshape(pages.shape[:3] + (1,))
-  return scales
-
-
 def gather_pages(pages, page_table):
   """pages [P, page_size, kv_heads, d], page_table [n, pages_per_seq] -> contiguous [n, pages_per_seq *
   page_size, kv_heads, d] (out-of-range page ids are clamped; they only ever feed masked slots)."""

@@ -6,8 +6,9 @@ partials are merged by log-sum-exp (FlashDecoding)."""
 from __future__ import annotations
 
 from pallas_kernels import decode_common as C
-from pallas_kernels.pages import as_pages, as_scale_pages
+from pallas_kernels.pages import as_pages
 from pallas_kernels.paged_attention import gpu as _paged
+from pallas_kernels.paged_attention._quant import contiguous_scales
 
 NAME = _paged.NAME
 DEFAULT_BLOCK_K = 64
@@ -26,8 +27,8 @@ def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, lo
   split_granule: split ranges are multiples of gcd(max_kv_len, split_granule) keys."""
   C.check_block("split_granule", split_granule, implementation=NAME)
   k_pages, v_pages, table = as_pages(k, v, split_granule)
-  quant = {} if k_scales is None else dict(k_scales=as_scale_pages(k_scales, k_pages),
-                                           v_scales=as_scale_pages(v_scales, v_pages))
+  quant = {} if k_scales is None else dict(k_scales=contiguous_scales(k_scales, k_pages),
+                                           v_scales=contiguous_scales(v_scales, v_pages))
   return _paged.paged_attention(q, k_pages, v_pages, table, kv_lens, sm_scale=sm_scale, **quant,
                                 sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
                                 num_splits=num_splits, return_lse=return_lse, interpret=interpret, block_k=block_k,

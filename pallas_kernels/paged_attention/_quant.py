@@ -58,3 +58,13 @@ def dequant_pages(pages, scales, lay: ScaleLayout | None, phys, dtype):
   if lay is None:
     return tile
   return (tile.astype(jnp.float32) * scales[scale_rows(lay, phys)]).astype(dtype)
+
+
+def contiguous_scales(scales, pages):
+  """A contiguous cache's scales [batch, max_kv_len, kv_heads, 1] (per token) or [batch, 1, kv_heads, d] (per
+  channel of each sequence) in the layout above for `pages` (pallas_kernels.pages.as_pages of that cache):
+  per token a free reshape to [num_pages, page_size, kv_heads, 1]; per channel unchanged (one scale row per
+  sequence, num_pages / batch pages per row)."""
+  if scales.shape[-1] == 1 and scales.shape[0] * scales.shape[1] == pages.shape[0] * pages.shape[1]:
+    return scales.reshape(pages.shape[:3] + (1,))
+  return scales

@@ -223,8 +223,9 @@ def test_engine_generates_with_quantized_kv(model):
   """engine greedy generation with int8 / fp8 KV, each generated token checked against the float cache given
   the same prefix (teacher forcing the engine's own output through the float paged path): its log-probability
   within tolerance of the float one, its float logit within tolerance of the float maximum, and the float
-  cache's greedy choice agreeing at most positions (reported). Position-by-position agreement of two free-running generations is reported too (it
-  compounds: one near-tie flip changes every later token). The pool really is quantized and smaller."""
+  cache's greedy choice agreeing at most positions (reported). (Position-by-position agreement of two
+  free-running generations is not a measure: one near-tie flip changes every later token.) The pool really is
+  quantized and smaller."""
   from jaxinfer.generation.sampling import SamplingParams
 
   rng = np.random.default_rng(1)
@@ -232,8 +233,6 @@ def test_engine_generates_with_quantized_kv(model):
   # one token bucket and one sequence bucket: few programs to compile per engine
   base = dict(max_batch_size=2, page_size=4, max_model_len=32, max_step_tokens=16, min_token_bucket=16,
               min_seq_bucket=2)
-  ref_engine = Engine(model, **base)
-  free_ref = ref_engine.run(prompts, max_new_tokens=10, progress=False)
   for dtype in DTYPES:
     engine = Engine(model, kv_cache_dtype=dtype, **base)
     ids = [engine.add_request(p, SamplingParams(logprobs=True), max_new_tokens=10) for p in prompts]
@@ -250,11 +249,11 @@ def test_engine_generates_with_quantized_kv(model):
       errs += list(np.abs(lf[rows, toks[i]] - np.asarray(lps[i])))
       agree += list(float_logits[rows].argmax(-1) == np.asarray(toks[i]))
       gaps += list(float_logits[rows].max(-1) - float_logits[rows, toks[i]])  # 0 where they agree
-    free = float(np.mean([a == b for r, o in zip(free_ref, [toks[i] for i in ids]) for a, b in zip(r, o)]))
     print(f"engine {dtype}: max |logprob err| {max(errs):.3g}, greedy agreement with the float cache given the "
-          f"same prefix {np.mean(agree):.3f}, free-running token agreement {free:.3f}")
-    assert engine.runner.pool.k[0].dtype == jnp.dtype(dtype) and engine.runner.pool.quantized
-    assert engine.runner.pool.nbytes < ref_engine.runner.pool.nbytes / 2.4
+          f"same prefix {np.mean(agree):.3f}")
+    pool = engine.runner.pool
+    assert pool.k[0].dtype == jnp.dtype(dtype) and pool.quantized
+    assert pool.nbytes < pool.num_pages * kv_quant.page_bytes(model.config, 4, "float32") / 2.4
     assert 0 < max(errs) <= 2 * LOGIT_TOL[dtype] * 1.4, max(errs)  # a log-softmax difference: <= 2x logits'
     # every token it chose is a near-tie under the float cache (within twice the logit tolerance), and most
     # are the float cache's own choice (20 positions of a random model: a few near-ties flip)
