@@ -40,14 +40,16 @@ def _chunk_fn(graphdef, attention_impl, interpret: bool, decode_only: bool):
 
 
 def paged_logits(model, token_ids, *, kv_cache_dtype=None, page_size: int = 16, chunk: int = 64,
-                 key_granularity: str = "per_channel", attention_impl=None, interpret: bool = False):
+                 key_granularity: str = "per_channel", attention_impl=None, interpret: bool = False,
+                 capacity: int = 0):
   """float32 logits [len(token_ids), vocab] of every position, the KV cache held in a paged pool of
-  kv_cache_dtype (None: the model's dtype)."""
+  kv_cache_dtype (None: the model's dtype). capacity: pool tokens at least (sequences of different lengths
+  with the same capacity share one compiled program)."""
   ids = np.asarray(token_ids, np.int32)
   n = ids.shape[0]
   if n < 1 or chunk < 1:
     raise ValueError(f"token_ids must be non-empty and chunk >= 1, got {n} tokens, chunk={chunk}")
-  pages = -(-n // page_size)
+  pages = -(-max(n, capacity) // page_size)
   graphdef, state = nnx.split(model)
   pool = KVPool.create(model.config, pages, page_size, kv_cache_dtype, key_granularity=key_granularity)
   table = jnp.arange(pages, dtype=jnp.int32)[None]

@@ -243,7 +243,7 @@ def test_engine_generates_with_quantized_kv(model):
     errs, agree, gaps = [], [], []
     for p, i in zip(prompts, ids):
       assert len(toks[i]) == 10
-      float_logits = paged_logits(model, p + toks[i], page_size=4, chunk=16)
+      float_logits = paged_logits(model, p + toks[i], page_size=4, chunk=16, capacity=32)
       lf = np.asarray(jax.nn.log_softmax(jnp.asarray(float_logits), axis=-1))
       rows = np.arange(len(p) - 1, len(p) + 9)
       errs += list(np.abs(lf[rows, toks[i]] - np.asarray(lps[i])))
