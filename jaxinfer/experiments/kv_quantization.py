@@ -66,7 +66,7 @@ class KVQuantExperimentConfig:
       check(cls, name, isinstance(value, int) and value >= 1, f"must be a positive integer, got {value!r}")
 
 
-SMOKE = dict(checkpoint="", variants=("float32", "int8", "fp8_tok"), seq_len=24, eval_rows=2, chunk=8, page_size=4,
+SMOKE = dict(checkpoint="", variants=("float32", "int8_tok"), seq_len=24, eval_rows=2, chunk=8, page_size=4,
              budget_mb=1, decode_batch=2, decode_prompt=6, decode_tokens=4, decode_rounds=1, decode_repeats=1)
 
 CLAIMS = [
