@@ -115,6 +115,16 @@ def _kernel_plan(cpu: bool):
   for case, impl in itertools.product(first(tp.RAGGED_CASES), impls):
     plan.append((f"ragged_paged_attention/{case.name}/{impl}", "ragged_paged_attention", impl, tp,
                  "test_ragged_matches_reference", dict(case=case, impl=impl), "RAGGED_IMPLS"))
+  # quantized KV caches (int8 / float8_e4m3fn pages with float32 scales, dequantized inside the kernels)
+  for qcase, impl in itertools.product(first(getattr(tp, "QUANT_CASES", ())), impls):
+    paged = isinstance(qcase[0], tp.Paged)
+    op = "paged_attention" if paged else "ragged_paged_attention"
+    plan.append((f"{op}/quant-{qcase[0].name}-{qcase[1]}-k{qcase[2]}/{impl}", op, impl, tp,
+                 "test_quantized_matches_reference", dict(qcase=qcase, impl=impl),
+                 "PAGED_IMPLS" if paged else "RAGGED_IMPLS"))
+  for qcase, impl in itertools.product(first(getattr(td, "QUANT_CASES", ())), impls):
+    plan.append((f"decode_attention/quant-{qcase[0].name}-{qcase[1]}-k{qcase[2]}/{impl}", "decode_attention", impl,
+                 td, "test_quantized_matches_reference", dict(qcase=qcase, impl=impl), "IMPLS"))
   try:  # newer op folders whose tests follow the same CASES / IMPLS / test_matches_reference convention
     import test_quantized_matmul as tq
     plan += [(f"quantized_matmul/{case.name}/{impl}", "quantized_matmul", impl, tq, "test_matches_reference",

@@ -53,6 +53,13 @@ class EngineConfig:
   max_prefix_groups: int = 4
   min_shared_prefix_pages: int = 1
   shared_prefix_impl: str | None = None  # pallas_kernels.shared_prefix_attention.paged_prefix_attention impl
+  # KV cache storage (docs/kv_quantization.md): None: kv_dtype (itself None: the model's dtype); "int8" /
+  # "float8_e4m3fn": a quantized pool with float32 scales, dequantized inside the attention kernels; a float
+  # name ("bfloat16", "float32"): a plain pool of that dtype. When set it supersedes kv_dtype (setting both to
+  # different values is an error).
+  kv_cache_dtype: str | None = None
+  kv_cache_bytes: int | None = None  # KV byte budget: num_pages = budget // bytes per page (excludes num_pages)
+  kv_quant_key_granularity: str = "per_channel"  # quantized keys: "per_channel" (per page) or "per_token"
 
   def __post_init__(self):
     for name in ("max_batch_size", "page_size", "max_step_tokens", "max_queue", "min_seq_bucket",
@@ -84,6 +91,7 @@ class EngineConfig:
         jnp.dtype(self.kv_dtype)
       except TypeError:
         raise ConfigError(f"engine.kv_dtype: {self.kv_dtype!r} is not a dtype name") from None
+    _check_kv_cache(self)
 
   @classmethod
   def from_kwargs(cls, config: "EngineConfig | None" = None, **overrides) -> "EngineConfig":
@@ -101,6 +109,9 @@ class EngineConfig:
 
   def resolve(self, model_config) -> "EngineConfig":
     """num_pages and max_model_len filled in for this model, and the checks that need the model."""
+    if self.kv_cache_bytes is not None:  # the byte budget decides the pool size (kv_cache_dtype aware)
+      return dataclasses.replace(self, num_pages=pages_for_budget(self, model_config), kv_cache_bytes=None
+                                 ).resolve(model_config)
     max_model_len, num_pages = self.max_model_len, self.num_pages
     if max_model_len is None and num_pages is None:
       max_model_len = model_config.max_position_embeddings
@@ -116,3 +127,49 @@ class EngineConfig:
                         f"must be >= max_model_len + max_batch_size - 1 = {max_model_len + self.max_batch_size - 1}"
                         " so a whole prompt always fits beside the running decodes")
     return dataclasses.replace(self, num_pages=int(num_pages), max_model_len=int(max_model_len))
+
+
+KV_CACHE_DTYPES = (None, "bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
+
+
+def _check_kv_cache(cfg: EngineConfig) -> None:
+  """engine.kv_cache_dtype / kv_cache_bytes / kv_quant_key_granularity."""
+  from jaxinfer.engine.kv_quant import KEY_GRANULARITIES, QMAX
+
+  if cfg.kv_cache_dtype not in KV_CACHE_DTYPES:
+    raise ConfigError(f"engine.kv_cache_dtype: {cfg.kv_cache_dtype!r} is not one of {list(KV_CACHE_DTYPES)}")
+  if cfg.kv_cache_dtype is not None and cfg.kv_dtype is not None and cfg.kv_cache_dtype != cfg.kv_dtype:
+    raise ConfigError(f"engine.kv_cache_dtype: kv_cache_dtype={cfg.kv_cache_dtype!r} conflicts with "
+                      f"kv_dtype={cfg.kv_dtype!r}; set one of them (kv_cache_dtype supersedes kv_dtype)")
+  if cfg.kv_dtype is not None and cfg.kv_dtype in QMAX:
+    raise ConfigError(f"engine.kv_dtype: {cfg.kv_dtype!r} is a quantized dtype; use kv_cache_dtype for it")
+  if cfg.kv_quant_key_granularity not in KEY_GRANULARITIES:
+    raise ConfigError(f"engine.kv_quant_key_granularity: {cfg.kv_quant_key_granularity!r} is not one of "
+                      f"{list(KEY_GRANULARITIES)}")
+  if cfg.kv_cache_bytes is not None:
+    _positive("kv_cache_bytes", cfg.kv_cache_bytes)
+    if cfg.num_pages is not None:
+      raise ConfigError(f"engine.kv_cache_bytes: kv_cache_bytes={cfg.kv_cache_bytes} and num_pages="
+                        f"{cfg.num_pages} both size the pool; set one of them")
+  if cfg.kv_cache_dtype in QMAX and cfg.enable_shared_prefix_attention:
+    raise ConfigError(f"engine.kv_cache_dtype: kv_cache_dtype={cfg.kv_cache_dtype!r} does not support "
+                      "enable_shared_prefix_attention=True (the shared-prefix kernel reads float pages only)")
+
+
+def cache_dtype(cfg: EngineConfig, model_config) -> str:
+  """The pool's dtype name: kv_cache_dtype, else kv_dtype, else the model's dtype."""
+  import jax.numpy as jnp
+
+  return jnp.dtype(cfg.kv_cache_dtype or cfg.kv_dtype or model_config.dtype).name
+
+
+def pages_for_budget(cfg: EngineConfig, model_config) -> int:
+  """Pages of the pool that fit in kv_cache_bytes (scales included); ConfigError if not even one."""
+  from jaxinfer.engine.kv_quant import page_bytes
+
+  per_page = page_bytes(model_config, cfg.page_size, cache_dtype(cfg, model_config), cfg.kv_quant_key_granularity)
+  pages = cfg.kv_cache_bytes // per_page
+  if pages < 1:
+    raise ConfigError(f"engine.kv_cache_bytes: kv_cache_bytes={cfg.kv_cache_bytes} holds no page (one page of "
+                      f"{cfg.page_size} tokens takes {per_page} bytes with {cache_dtype(cfg, model_config)})")
+  return int(pages)

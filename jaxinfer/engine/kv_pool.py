@@ -3,9 +3,10 @@
 Storage only: where a step reads and writes is the step's AttentionMetadata (jaxinfer/engine/batch.py), not
 the pool's business. Per layer the pool holds k and v pages [num_pages, page_size, kv_heads, head_dim] in
 `dtype` (EngineConfig.kv_dtype, default the model's dtype), and optionally
-  - k_scales / v_scales: per-layer scale arrays for a quantized pool (None for this full-precision pool; a
-    quantized pool fills them and replaces the one write, `store` below, and the one read, in
-    PagedKVCache.attend; nothing else changes), and
+  - k_scales / v_scales: per-layer float32 scale arrays of a quantized pool (dtype int8 or float8_e4m3fn,
+    EngineConfig.kv_cache_dtype; layouts and the quantize-on-write rule in jaxinfer/engine/kv_quant.py; None
+    for a full-precision pool). The write is kv_quant.store instead of `store` below, and the attention
+    kernels take the scales and dequantize the tiles they load (PagedKVCache.attend), and
   - positions [num_pages * page_size] int32: the token position each slot holds (-1: never written), kept
     only when a KV policy needs it (EngineConfig.track_slot_positions): a policy that compacts or drops slots
     reads it instead of assuming slot = page_table[pos // page_size] * page_size + pos % page_size.
@@ -28,13 +29,31 @@ class KVPool:
 
   @classmethod
   def create(cls, model_config, num_pages: int, page_size: int, dtype=None, track_positions: bool = False,
-             kv_repeat: int = 1):
-    """kv_repeat > 1: each KV head stored that many times (a pool sharded over more devices than KV heads)."""
+             kv_repeat: int = 1, key_granularity: str = "per_channel"):
+    """Zeroed pools; dtype int8 / float8_e4m3fn makes a quantized pool (scales per key_granularity).
+    kv_repeat > 1: each KV head stored that many times (a pool sharded over more devices than KV heads)."""
+    from jaxinfer.engine import kv_quant
+
     dtype = jnp.dtype(dtype or model_config.dtype)
     shape = (num_pages, page_size, model_config.num_kv_heads * kv_repeat, model_config.resolved_head_dim)
-    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(model_config.num_layers))  # noqa: E731
+    zeros = lambda shape, dt: tuple(jnp.zeros(shape, dt) for _ in range(model_config.num_layers))  # noqa: E731
     positions = jnp.full((num_pages * page_size,), -1, jnp.int32) if track_positions else None
-    return cls(k=zeros(), v=zeros(), positions=positions)
+    k_scales = v_scales = None
+    if dtype.name in kv_quant.QMAX:
+      ks, vs = kv_quant.scale_shapes(*shape, key_granularity)
+      k_scales, v_scales = zeros(ks, jnp.float32), zeros(vs, jnp.float32)
+    return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scales=k_scales, v_scales=v_scales,
+               positions=positions)
+
+  @property
+  def quantized(self) -> bool:
+    return self.k_scales is not None
+
+  @property
+  def nbytes(self) -> int:
+    """Device bytes of the KV storage (pages and scales; positions not included)."""
+    arrays = list(self.k) + list(self.v) + list(self.k_scales or ()) + list(self.v_scales or ())
+    return int(sum(a.nbytes for a in arrays))
 
   @property
   def num_pages(self) -> int:
@@ -67,7 +86,8 @@ class KVPool:
       offs = jnp.arange(ps, dtype=jnp.int32)
       positions = positions.at[(dst[:, None] * ps + offs).reshape(-1)].set(
           positions[(src[:, None] * ps + offs).reshape(-1)], mode="drop")
-    return self.replace(k=cp(self.k), v=cp(self.v), positions=positions)
+    scales = {} if self.k_scales is None else dict(k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
+    return self.replace(k=cp(self.k), v=cp(self.v), positions=positions, **scales)
 
 
 def store(k_pages, v_pages, slots, k, v):

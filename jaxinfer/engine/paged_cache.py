@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-import pallas_kernels
 from jax.sharding import PartitionSpec as P
 
+import pallas_kernels
+from jaxinfer.engine import kv_quant
 from jaxinfer.engine.kv_pool import KVPool, store
 from jaxinfer.engine.sharding import per_shard, repeat_kv
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
@@ -69,6 +70,9 @@ class PagedKVCache:
   interpret: bool = struct.field(pytree_node=False, default=False)
   # a sharded model (jaxinfer/engine/sharding.py EngineSharding): attention runs per shard under shard_map
   sharding: object = struct.field(pytree_node=False, default=None)
+  # a quantized pool (int8 / float8_e4m3fn pages): per-layer float32 scales (jaxinfer/engine/kv_quant.py)
+  k_scales: tuple | None = None
+  v_scales: tuple | None = None
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -109,35 +113,47 @@ class PagedKVCache:
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
     b, t, heads, d = q.shape
-    kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, repeat_kv(self.sharding, k[0]),
-                   repeat_kv(self.sharding, v[0]))
-    q0, kq, vq = q[0], kp.astype(q.dtype), vp.astype(q.dtype)
+    k_new, v_new = repeat_kv(self.sharding, k[0]), repeat_kv(self.sharding, v[0])
+    if self.k_scales is None:
+      kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k_new, v_new)
+      kq, vq, scales, layer_kv = kp.astype(q.dtype), vp.astype(q.dtype), (), (kp, vp)
+    else:  # quantize on write; the kernels dequantize the tiles they load (the pool is never converted whole)
+      if self.group_table is not None:
+        raise NotImplementedError("shared-prefix attention over a quantized KV pool (EngineConfig rejects it)")
+      kp, vp, ks, vs = kv_quant.store(self.k_pages[layer], self.v_pages[layer], self.k_scales[layer],
+                                      self.v_scales[layer], self.slots, k_new, v_new)
+      kq, vq, scales, layer_kv = kp, vp, (ks, vs), (kp, vp, ks, vs)
+    q0 = q[0]
     if self.sharding is None:
-      out = self._attention(q0, kq, vq, positions[0], sliding_window)
-    elif self.group_table is None and self.decode_only:
-      # decode rows are independent: split them over the data axis too
-      rows = self.sharding.rows(q0.shape[0]) if q0.shape[0] == self.page_table.shape[0] else None
-      meta = self.replace(k_pages=(), v_pages=(), page_table=None, kv_lens=None)  # nothing closed over
-      fn = lambda q_, k_, v_, m, table, lens: m.replace(page_table=table, kv_lens=lens)._attention(  # noqa: E731
-          q_, k_, v_, None, sliding_window)
-      out = per_shard(self.sharding, fn, q0, kq, vq, (meta, self.page_table, self.kv_lens),
-                      (P(), P(rows), P(rows)), q_rows=rows)
+      out = self._attention(q0, kq, vq, positions[0], sliding_window, *scales)
     else:
-      meta = self.replace(k_pages=(), v_pages=())  # the per-step metadata, replicated over the mesh
-      fn = lambda q_, k_, v_, m, pos: m._attention(q_, k_, v_, pos, sliding_window)  # noqa: E731
-      out = per_shard(self.sharding, fn, q0, kq, vq, (meta, positions[0]), (P(), P()))
-    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp)
+      pool_spec = (self.sharding.pool_sharding().spec,) * len(scales)  # scales split on kv heads like pages
+      bare = self.replace(k_pages=(), v_pages=(), k_scales=None, v_scales=None)  # nothing big closed over
+      if self.group_table is None and self.decode_only:
+        # decode rows are independent: split them over the data axis too
+        rows = self.sharding.rows(q0.shape[0]) if q0.shape[0] == self.page_table.shape[0] else None
+        meta = bare.replace(page_table=None, kv_lens=None)
+        fn = lambda q_, k_, v_, m, table, lens, *sc: m.replace(page_table=table, kv_lens=lens)._attention(  # noqa: E731
+            q_, k_, v_, None, sliding_window, *sc)
+        out = per_shard(self.sharding, fn, q0, kq, vq, (meta, self.page_table, self.kv_lens, *scales),
+                        (P(), P(rows), P(rows), *pool_spec), q_rows=rows)
+      else:
+        fn = lambda q_, k_, v_, m, pos, *sc: m._attention(q_, k_, v_, pos, sliding_window, *sc)  # noqa: E731
+        out = per_shard(self.sharding, fn, q0, kq, vq, (bare, positions[0], *scales), (P(), P(), *pool_spec))
+    return out.reshape(b, t, heads, d).astype(q.dtype), layer_kv
 
-  def _attention(self, q, kp, vp, positions, sliding_window):
-    """q [T, heads, d] over pages kp / vp (one shard's heads, or all of them): the step's kernel."""
+  def _attention(self, q, kp, vp, positions, sliding_window, k_scales=None, v_scales=None):
+    """q [T, heads, d] over pages kp / vp (one shard's heads, or all of them): the step's kernel; with scales,
+    kp / vp are quantized codes the kernel dequantizes tile by tile."""
+    quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
     if self.group_table is None and self.decode_only:
       return pallas_kernels.paged_attention(
           q, kp, vp, self.page_table, self.kv_lens, sliding_window=sliding_window,
-          implementation=self.attention_impl, interpret=self.interpret)
+          implementation=self.attention_impl, interpret=self.interpret, **quant)
     if self.group_table is None:
       return pallas_kernels.ragged_paged_attention(
           q, kp, vp, self.page_table, self.kv_lens, self.cu_q_lens, self.num_seqs, sliding_window=sliding_window,
-          implementation=self.attention_impl, interpret=self.interpret)
+          implementation=self.attention_impl, interpret=self.interpret, **quant)
     return self._shared_prefix_attend(q, kp, vp, positions, sliding_window)
 
   def _shared_prefix_attend(self, q, kp, vp, positions, sliding_window):
@@ -164,5 +180,8 @@ class PagedKVCache:
 
   def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
     del num_tokens
+    scales = {}
+    if self.k_scales is not None:
+      scales = dict(k_scales=tuple(kv[2] for kv in layer_kvs), v_scales=tuple(kv[3] for kv in layer_kvs))
     return self.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
-                        slots=None)
+                        slots=None, **scales)

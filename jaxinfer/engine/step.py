@@ -50,7 +50,8 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
                        cu_q_lens=a.cu_q_lens, num_seqs=a.num_seqs, slots=a.slot_mapping,
                        group_rows=a.group_rows, group_table=a.group_table, group_lens=a.group_lens,
                        seq_prefix_lens=a.seq_prefix_lens, attention_impl=attention_impl, prefix_impl=prefix_impl,
-                       interpret=interpret, decode_only=decode_only, sharding=sharding)
+                       interpret=interpret, decode_only=decode_only, sharding=sharding, k_scales=pool.k_scales,
+                       v_scales=pool.v_scales)
   seq, valid = token_sequence(a.cu_q_lens, a.num_seqs, t)
   segment_ids = jnp.where(valid, seq, -1)[None]
   hidden, cache = model(tokens[None], a.positions[None], segment_ids, cache, return_hidden=True)
@@ -59,7 +60,8 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
   keys = row_keys(sm.seeds, sm.positions)
   sampled = sample_tokens(logits, keys, sm.temperature, sm.top_k, sm.top_p, sm.min_p)
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), sampled[:, None], axis=-1)[:, 0]
-  pool = pool.replace(k=cache.k_pages, v=cache.v_pages).record_positions(a.slot_mapping, a.positions)
+  pool = pool.replace(k=cache.k_pages, v=cache.v_pages, k_scales=cache.k_scales,
+                      v_scales=cache.v_scales).record_positions(a.slot_mapping, a.positions)
   pad = max_rows - r
   return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool
 

@@ -8,6 +8,8 @@ Adding an implementation is one entry in the modules table of `IMPLEMENTATIONS` 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from pallas_kernels import validation as V
 from pallas_kernels.op import PALLAS_DEFAULTS, Op, implementation_table
 
@@ -22,13 +24,18 @@ DEFAULT_FOR_BACKEND: dict[str, tuple[str, ...]] = dict(PALLAS_DEFAULTS)
 OP = Op("decode_attention", IMPLEMENTATIONS, DEFAULT_FOR_BACKEND)
 
 
-def validate_decode(q, k, v, kv_lens, *, sm_scale, sliding_window, logits_soft_cap, num_splits):
+def validate_decode(q, k, v, kv_lens, *, sm_scale, sliding_window, logits_soft_cap, num_splits, k_scales=None,
+                    v_scales=None):
   """decode_attention's inputs. Raises ValueError naming the argument; shapes are static, so this works
   under jit too (the values of kv_lens cannot be checked there: they are clipped to [0, max_kv_len])."""
   V.check_array(q, "q", 3, "[batch, q_heads, head_dim]", floating=True)
-  V.check_array(k, "k", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=True)
-  V.check_array(v, "v", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=True)
-  V.check_qkv(q, k, v)
+  quantized = k_scales is not None or v_scales is not None
+  V.check_array(k, "k", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=not quantized)
+  V.check_array(v, "v", 4, "[batch, max_kv_len, kv_heads, head_dim]", floating=not quantized)
+  if quantized:
+    check_cache_scales(q, k, v, k_scales, v_scales)
+  else:
+    V.check_qkv(q, k, v)
   batch = q.shape[0]
   if k.shape[0] != batch:
     raise ValueError(f"k batch {k.shape[0]} does not match q batch {batch}")
@@ -40,13 +47,36 @@ def validate_decode(q, k, v, kv_lens, *, sm_scale, sliding_window, logits_soft_c
                   num_splits=num_splits)
 
 
+def check_cache_scales(q, k, v, k_scales, v_scales):
+  """A quantized contiguous cache: int8 / float8_e4m3fn k and v with float32 scales per token [batch,
+  max_kv_len, kv_heads, 1] or per channel of each sequence [batch, 1, kv_heads, head_dim]."""
+  import jax
+
+  from pallas_kernels.paged_attention import _quant as Q
+
+  if k_scales is None or v_scales is None:
+    raise ValueError("k_scales and v_scales must be given together (a quantized cache has both)")
+  for name, x in (("k", k), ("v", v)):
+    if jnp.dtype(x.dtype).name not in Q.QUANTIZED_DTYPES:
+      raise ValueError(f"{name} with scales must be one of {Q.QUANTIZED_DTYPES}, got dtype {x.dtype}")
+  as_q = lambda x: jax.ShapeDtypeStruct(x.shape, q.dtype)  # noqa: E731
+  V.check_qkv(q, as_q(k), as_q(v))
+  b, L, hkv, d = k.shape
+  for name, sc in (("k_scales", k_scales), ("v_scales", v_scales)):
+    if not hasattr(sc, "shape") or sc.dtype != jnp.float32 or tuple(sc.shape) not in ((b, L, hkv, 1),
+                                                                                     (b, 1, hkv, d)):
+      raise ValueError(f"{name} must be float32 of shape {(b, L, hkv, 1)} (per token) or {(b, 1, hkv, d)} (per "
+                       f"channel), got {getattr(sc, 'dtype', type(sc).__name__)} {tuple(getattr(sc, 'shape', ()))}")
+
+
 def available_implementations(interpret=False) -> list[str]:
   """Names of the implementations that can run on this machine (with the given interpret setting)."""
   return OP.available(interpret)
 
 
 def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, logits_soft_cap=None,
-                     num_splits=None, return_lse=False, implementation=None, interpret=False):
+                     num_splits=None, return_lse=False, implementation=None, interpret=False, k_scales=None,
+                     v_scales=None):
   """One new token per sequence attending over a contiguous KV cache, FlashDecoding style (split-K).
 
   Args:
@@ -62,13 +92,17 @@ def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, lo
     implementation: one of IMPLEMENTATIONS, or None for the backend's default (gpu: pallas_gpu, tpu:
       pallas_tpu, cpu: xla; logged once). One that cannot run here raises RuntimeError.
     interpret: run Pallas kernels in interpret mode (CPU); ignored by the others.
+    k_scales, v_scales: float32 scales of a quantized cache (k, v int8 or float8_e4m3fn; real value =
+      float32(x) * scale), per token [batch, max_kv_len, kv_heads, 1] or per channel [batch, 1, kv_heads,
+      head_dim]. The kernels dequantize the tiles they load; None: a float cache in q's dtype.
 
   Returns:
     [batch, q_heads, head_dim] in q's dtype (and lse). A row with no visible key (kv_len 0) gets zeros and
     lse -inf. Invisible cache slots may hold anything (even NaN): no implementation lets them through.
   """
   validate_decode(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
-                  logits_soft_cap=logits_soft_cap, num_splits=num_splits)
+                  logits_soft_cap=logits_soft_cap, num_splits=num_splits, k_scales=k_scales, v_scales=v_scales)
   fn = OP.function(implementation, interpret)
+  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   return fn(q, k, v, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window, logits_soft_cap=logits_soft_cap,
-            num_splits=num_splits, return_lse=return_lse, interpret=interpret)
+            num_splits=num_splits, return_lse=return_lse, interpret=interpret, **quant)

@@ -4,7 +4,9 @@ The key axis is viewed as [num_splits, chunk] (a free reshape when num_splits di
 keys are padded); every chunk's partial softmax (max, sum, P V) is computed at once in a single batched
 einsum with float32 accumulation, and the partials are merged by log-sum-exp. Matmul operands stay in the
 input dtype (P is cast to it before the P V product, as the kernels do). Invisible slots are zeroed before
-use, so whatever they hold never reaches the output.
+use, so whatever they hold never reaches the output. A quantized cache (k_scales / v_scales) is dequantized
+to q's dtype as the einsums' operand (this op reads the whole contiguous cache in one batched einsum anyway;
+the engine's paged path, pallas_kernels.paged_attention, dequantizes page chunk by page chunk).
 """
 
 from __future__ import annotations
@@ -24,9 +26,12 @@ unavailable_reason = always_available
 
 
 def decode_attention(q, k, v, kv_lens, *, sm_scale=None, sliding_window=None, logits_soft_cap=None,
-                     num_splits=None, return_lse=False, interpret=False):
+                     num_splits=None, return_lse=False, interpret=False, k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.decode_attention`. num_splits=None: about one split per 512 keys."""
   del interpret
+  if k_scales is not None:
+    k = (k.astype(jnp.float32) * k_scales).astype(q.dtype)
+    v = (v.astype(jnp.float32) * v_scales).astype(q.dtype)
   b, hq, d = q.shape
   L, hkv = k.shape[1], k.shape[2]
   g = hq // hkv

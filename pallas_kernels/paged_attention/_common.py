@@ -23,15 +23,35 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import decode_common as C
+from pallas_kernels.paged_attention import _quant as Q
 
 
 # ----------------------------------------------------------------------------------------------- validation
 
 
-def _check_pages(q, k_pages, v_pages, page_table, kv_lens, *, batch_name: str):
-  C.check_array(k_pages, "k_pages", 4, "[num_pages, page_size, kv_heads, head_dim]", floating=True)
-  C.check_array(v_pages, "v_pages", 4, "[num_pages, page_size, kv_heads, head_dim]", floating=True)
-  C.check_qkv(q, k_pages, v_pages, k_name="k_pages", v_name="v_pages")
+def _check_quantized(q, k_pages, v_pages, k_scales, v_scales):
+  """A quantized pool: int8 / float8_e4m3fn pages of q's shape rules, each with its float32 scales."""
+  if (k_scales is None) != (v_scales is None):
+    raise ValueError("k_scales and v_scales must be given together (a quantized pool has both), got "
+                     f"k_scales={'None' if k_scales is None else 'an array'}, "
+                     f"v_scales={'None' if v_scales is None else 'an array'}")
+  for name, pages in (("k_pages", k_pages), ("v_pages", v_pages)):
+    C.check_array(pages, name, 4, "[num_pages, page_size, kv_heads, head_dim]")
+    if jnp.dtype(pages.dtype).name not in Q.QUANTIZED_DTYPES:
+      raise ValueError(f"{name} with scales must be one of {Q.QUANTIZED_DTYPES}, got dtype {pages.dtype}")
+  as_q = lambda x: jax.ShapeDtypeStruct(x.shape, q.dtype)  # noqa: E731  (shape rules only; no copy)
+  C.check_qkv(q, as_q(k_pages), as_q(v_pages), k_name="k_pages", v_name="v_pages")
+  Q.layout(k_pages, k_scales, "k_scales")
+  Q.layout(v_pages, v_scales, "v_scales")
+
+
+def _check_pages(q, k_pages, v_pages, page_table, kv_lens, *, batch_name: str, k_scales=None, v_scales=None):
+  if k_scales is not None or v_scales is not None:
+    _check_quantized(q, k_pages, v_pages, k_scales, v_scales)
+  else:
+    C.check_array(k_pages, "k_pages", 4, "[num_pages, page_size, kv_heads, head_dim]", floating=True)
+    C.check_array(v_pages, "v_pages", 4, "[num_pages, page_size, kv_heads, head_dim]", floating=True)
+    C.check_qkv(q, k_pages, v_pages, k_name="k_pages", v_name="v_pages")
   if k_pages.shape[0] == 0 or k_pages.shape[1] == 0:
     raise ValueError(f"k_pages must hold at least one page of at least one slot, got shape {tuple(k_pages.shape)}")
   C.check_array(page_table, "page_table", 2, f"[{batch_name}, pages_per_seq]", integer=True)
@@ -42,9 +62,9 @@ def _check_pages(q, k_pages, v_pages, page_table, kv_lens, *, batch_name: str):
 
 
 def validate_paged(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale, sliding_window, logits_soft_cap,
-                   num_splits):
+                   num_splits, k_scales=None, v_scales=None):
   C.check_array(q, "q", 3, "[batch, q_heads, head_dim]", floating=True)
-  _check_pages(q, k_pages, v_pages, page_table, kv_lens, batch_name="batch")
+  _check_pages(q, k_pages, v_pages, page_table, kv_lens, batch_name="batch", k_scales=k_scales, v_scales=v_scales)
   if page_table.shape[0] != q.shape[0]:
     raise ValueError(f"page_table must have shape ({q.shape[0]}, pages_per_seq) [batch, pages_per_seq] "
                      f"(q's batch), got {tuple(page_table.shape)}")
@@ -53,11 +73,12 @@ def validate_paged(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale, slidin
 
 
 def validate_ragged(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale, sliding_window,
-                    logits_soft_cap, num_splits=None):
+                    logits_soft_cap, num_splits=None, k_scales=None, v_scales=None):
   C.check_array(q, "q", 3, "[max_tokens, q_heads, head_dim]", floating=True)
   if q.shape[0] == 0:
     raise ValueError("q must hold at least one token row (max_tokens >= 1)")
-  _check_pages(q, k_pages, v_pages, page_table, kv_lens, batch_name="max_seqs")
+  _check_pages(q, k_pages, v_pages, page_table, kv_lens, batch_name="max_seqs", k_scales=k_scales,
+               v_scales=v_scales)
   C.check_array(cu_q_lens, "cu_q_lens", 1, "[max_seqs + 1]", integer=True)
   C.check_shape(cu_q_lens, "cu_q_lens", (page_table.shape[0] + 1,), "[max_seqs + 1]")
   if isinstance(num_seqs, bool) or not (isinstance(num_seqs, numbers.Integral) or (

@@ -29,7 +29,8 @@ def available_implementations(interpret=False) -> list[str]:
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
-                    logits_soft_cap=None, num_splits=None, implementation=None, interpret=False):
+                    logits_soft_cap=None, num_splits=None, implementation=None, interpret=False, k_scales=None,
+                    v_scales=None):
   """Decode attention (one new token per sequence) reading the KV cache through a page table.
 
   Args:
@@ -43,21 +44,25 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
     num_splits: split-K ranges per sequence merged by log-sum-exp (None: per-implementation heuristic).
     implementation: one of IMPLEMENTATIONS or None (gpu: pallas_gpu, tpu: pallas_tpu, cpu: xla; logged once).
     interpret: run Pallas kernels in interpret mode (CPU).
+    k_scales, v_scales: float32 scales of a quantized pool (k_pages/v_pages int8 or float8_e4m3fn), per token
+      [num_pages, page_size, kv_heads, 1] or per channel [num_pages / r, 1, kv_heads, head_dim] (see
+      _quant.py); every implementation dequantizes only the tiles it loads. None: a float pool in q's dtype.
 
   Returns:
     [batch, q_heads, head_dim] in q's dtype; zeros for kv_len 0. Pages and slots that are not visible may
     hold anything (even NaN).
   """
   P.validate_paged(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
-                   logits_soft_cap=logits_soft_cap, num_splits=num_splits)
+                   logits_soft_cap=logits_soft_cap, num_splits=num_splits, k_scales=k_scales, v_scales=v_scales)
   fn = OP.function(implementation, interpret)
+  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   return fn(q, k_pages, v_pages, page_table, kv_lens, sm_scale=sm_scale, sliding_window=sliding_window,
-            logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret)
+            logits_soft_cap=logits_soft_cap, num_splits=num_splits, interpret=interpret, **quant)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
                            sliding_window=None, logits_soft_cap=None, return_lse=False, implementation=None,
-                           interpret=False):
+                           interpret=False, k_scales=None, v_scales=None):
   """One launch for a serving step's mix of prefill chunks and decode tokens over a paged KV cache.
 
   Args:
@@ -73,7 +78,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     sm_scale, logits_soft_cap: as in decode_attention.
     return_lse: also return the float32 log-sum-exp [max_tokens, q_heads] (for merging with other partials,
       e.g. a shared prefix).
-    implementation, interpret: as in paged_attention.
+    implementation, interpret, k_scales, v_scales: as in paged_attention.
 
   Returns:
     [max_tokens, q_heads, head_dim] in q's dtype (and lse); padding rows and rows that see no key get zeros
@@ -81,8 +86,10 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     lengths within a bucket.
   """
   P.validate_ragged(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
-                    sliding_window=sliding_window, logits_soft_cap=logits_soft_cap)
+                    sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, k_scales=k_scales,
+                    v_scales=v_scales)
   fn = OP.function(implementation, interpret, entry="ragged_paged_attention")
+  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
   return fn(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, sm_scale=sm_scale,
             sliding_window=sliding_window, logits_soft_cap=logits_soft_cap, return_lse=return_lse,
-            interpret=interpret)
+            interpret=interpret, **quant)

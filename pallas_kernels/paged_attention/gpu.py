@@ -17,6 +17,10 @@ One kernel serves paged_attention, ragged_paged_attention and decode_attention t
   Each program writes a normalised partial output and its lse; the wrapper merges splits by log-sum-exp
   (FlashDecoding) and scatters item rows back to token order.
 
+A quantized pool (int8 / float8_e4m3fn pages with float32 scales, see _quant.py): each K/V tile is loaded
+in its stored dtype, its scale tile is gathered with the same page/slot indices, and the product is cast to
+q's dtype right before the dot: only the block_k rows in registers are ever dequantized.
+
 Limits: head_dim must be a power of two >= 16 (Triton tile shapes; padding the head dim would copy the
 whole page pool); block_k a power of two >= 16.
 """
@@ -37,6 +41,7 @@ from pallas_kernels import decode_common as C
 from pallas_kernels.lse import merge_partials
 from pallas_kernels.op import requires_backend
 from pallas_kernels.paged_attention import _common as P
+from pallas_kernels.paged_attention import _quant as Q
 
 NAME = "pallas_gpu"
 DEFAULT_BLOCK_K = 32
@@ -60,13 +65,32 @@ class _Static:
   num_warps: int
   num_stages: int
   interpret: bool
+  k_lay: Q.ScaleLayout | None = None
+  v_lay: Q.ScaleLayout | None = None
 
 
 def _precision(dtype):
   return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Static):
+def _load_tile(ref, s_ref, lay, page, slot, dcol, mask, dtype):
+  """block_k rows of one kv head's pages (masked gather), dequantized with their scales when quantized."""
+  x = plgpu.load(ref.at[page[:, None], slot[:, None], dcol], mask=mask, other=0)
+  if lay is None:
+    return x
+  zero = jnp.zeros_like
+  if lay.kind == "token":
+    idx = (page[:, None], slot[:, None], zero(dcol))
+  else:
+    idx = (lax.div(page, lay.pages_per_scale)[:, None], zero(slot)[:, None], dcol)
+  scale = plgpu.load(s_ref.at[idx], mask=mask, other=0.0)
+  return (x.astype(jnp.float32) * scale).astype(dtype)
+
+
+def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, *refs, st: _Static):
+  scale_refs = refs[:-2]
+  ks_ref, vs_ref = (scale_refs if scale_refs else (None, None))
+  o_ref, lse_ref = refs[-2:]
   p = st.params
   bk, ps = st.block_k, st.page_size
   prec = _precision(q_ref.dtype)
@@ -86,10 +110,9 @@ def _kernel(meta_ref, pt_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, st: _Stati
     page = pt_ref[jnp.minimum(lax.div(tok, ps), st.pages_per_seq - 1)]
     slot = lax.rem(tok, ps)
     # All-array indexers (a gather of block_k rows): Triton pointer arithmetic; the interpreter's gather.
-    idx = (page[:, None], slot[:, None], dcol)
     mask = jnp.broadcast_to(valid[:, None], (bk, d))
-    k = plgpu.load(k_ref.at[idx], mask=mask, other=0.0)
-    v = plgpu.load(v_ref.at[idx], mask=mask, other=0.0)
+    k = _load_tile(k_ref, ks_ref, st.k_lay, page, slot, dcol, mask, q.dtype)
+    v = _load_tile(v_ref, vs_ref, st.v_lay, page, slot, dcol, mask, q.dtype)
     s = plgpu.dot(q, k, trans_b=True, precision=prec) * p.sm_scale
     s, _ = C.soft_cap(s, p)
     s = s * _LOG2E
@@ -120,8 +143,14 @@ def check_head_dim(head_dim: int):
                      "(Triton tile shapes)")
 
 
+def _scale_spec(scales, lay):
+  if lay.kind == "token":
+    return pl.BlockSpec((scales.shape[0], scales.shape[1], None, 1), lambda i, h, s: (0, 0, h, 0))
+  return pl.BlockSpec((scales.shape[0], 1, None, scales.shape[3]), lambda i, h, s: (0, 0, h, 0))
+
+
 def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, *, block_k: int,
-                num_warps: int | None, num_stages: int, interpret: bool):
+                num_warps: int | None, num_stages: int, interpret: bool, k_scales=None, v_scales=None):
   """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq])."""
   num_items, bq, hq, d = q_items.shape
   num_pages, ps, hkv, _ = k_pages.shape
@@ -138,7 +167,10 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
   meta = jnp.stack([bcast(plan.pos0), bcast(plan.key_lo), bcast(plan.key_hi), plan.split_first, plan.split_pages,
                     zeros, zeros, zeros], axis=-1).astype(jnp.int32)  # [I, S, 8]
   st = _Static(params=params, block_q=bq, block_k=block_k, page_size=ps, pages_per_seq=pps, rows=rows,
-               num_warps=num_warps or 4, num_stages=num_stages, interpret=bool(interpret))
+               num_warps=num_warps or 4, num_stages=num_stages, interpret=bool(interpret),
+               k_lay=Q.layout(k_pages, k_scales, "k_scales"), v_lay=Q.layout(v_pages, v_scales, "v_scales"))
+  scale_specs = [] if st.k_lay is None else [_scale_spec(k_scales, st.k_lay), _scale_spec(v_scales, st.v_lay)]
+  scale_args = [] if st.k_lay is None else [k_scales, v_scales]
   o, lse = pl.pallas_call(
       functools.partial(_kernel, st=st),
       grid=(num_items, hkv, S),
@@ -148,7 +180,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
           pl.BlockSpec((None, None, rows, d), lambda i, h, s: (i, h, 0, 0)),
           pl.BlockSpec((num_pages, ps, None, d), lambda i, h, s: (0, 0, h, 0)),
           pl.BlockSpec((num_pages, ps, None, d), lambda i, h, s: (0, 0, h, 0)),
-      ],
+      ] + scale_specs,
       out_specs=[pl.BlockSpec((None, None, None, rows, d), lambda i, h, s: (i, s, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda i, h, s: (i, s, h, 0))],
       out_shape=[jax.ShapeDtypeStruct((num_items, S, hkv, rows, d), jnp.float32),
@@ -156,7 +188,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
       compiler_params=plgpu.CompilerParams(num_warps=st.num_warps, num_stages=num_stages),
       interpret=st.interpret,
       name="paged_attention",
-  )(meta, item_pages, qx, k_pages, v_pages)
+  )(meta, item_pages, qx, k_pages, v_pages, *scale_args)
   o, lse = merge_partials(o, lse, axis=1)  # [I, hkv, rows, d], [I, hkv, rows]
   o = o[:, :, :g * bq].reshape(num_items, hkv, g, bq, d).transpose(0, 3, 1, 2, 4).reshape(num_items, bq, hq, d)
   lse = lse[:, :, :g * bq].reshape(num_items, hkv, g, bq).transpose(0, 3, 1, 2).reshape(num_items, bq, hq)
@@ -170,7 +202,8 @@ def _check_blocks(block_k, block_q=1):
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
                     logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
-                    block_k: int = DEFAULT_BLOCK_K, num_warps: int | None = None, num_stages: int = 2):
+                    block_k: int = DEFAULT_BLOCK_K, num_warps: int | None = None, num_stages: int = 2,
+                    k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.paged_attention`. block_k: keys per loop iteration (power of two >= 16,
   independent of the page size). num_splits=None: enough splits for ~2 waves of programs on an H100."""
   _check_blocks(block_k)
@@ -179,14 +212,16 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
   parallel, ps = q.shape[0] * k_pages.shape[2], k_pages.shape[1]
   splits = lambda max_pages: num_splits or C.default_num_splits(parallel, C.cdiv(max_pages * ps, block_k))
   attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, block_k=block_k,
-                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_decode(attend, q, k_pages, page_table, kv_lens, params, splits=splits, return_lse=return_lse)
 
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
                            sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
                            block_q: int = DEFAULT_BLOCK_Q, block_k: int = DEFAULT_BLOCK_K,
-                           num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2):
+                           num_splits: int | None = None, num_warps: int | None = None, num_stages: int = 2,
+                           k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (g * block_q
   rows per program tile); num_splits: split-K ranges per item (None: 1, since a step's items usually fill
   the GPU; raise it for few long sequences)."""
@@ -196,6 +231,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
   check_head_dim(q.shape[-1])
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
   attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, block_k=block_k,
-                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                                             num_warps=num_warps, num_stages=num_stages, interpret=interpret,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
                       num_splits=num_splits, return_lse=return_lse)

@@ -22,6 +22,12 @@ One kernel serves paged_attention, ragged_paged_attention and decode_attention t
   rows per key; memory-bound by a wide margin) does not notice; for prefill-heavy steps with many kv heads a
   per-head layout would be faster (future work).
 
+A quantized pool (int8 / float8_e4m3fn pages with float32 scales, see _quant.py) adds one scale block per page
+block, DMA'd by the same index maps: per-token scales as [page_size * kv_heads, 1] (the pool's scales viewed
+as [num_pages, page_size * kv_heads, 1], a free reshape), per-channel scales as [kv_heads, head_dim] spread
+to the block's (token, kv head) rows by a static select over kv heads. The page block is dequantized in VMEM
+(float32 product, cast to q's dtype) right before its dot; the pool in HBM stays quantized.
+
 Mosaic layout rules, as in flash_attention/tpu.py: per-row values (query positions, m, l, lse) are kept
 lane-replicated ([rows, 128]) and per-column values (key offsets, key heads) sublane-replicated
 ([8, cols]); every block's last two dims equal the array's, so any page size / head count / head_dim is
@@ -48,6 +54,7 @@ from pallas_kernels.mosaic import lanes_to as _lanes_to
 from pallas_kernels.mosaic import mxu_dot as _dot
 from pallas_kernels.op import requires_backend
 from pallas_kernels.paged_attention import _common as P
+from pallas_kernels.paged_attention import _quant as Q
 
 NAME = "pallas_tpu"
 DEFAULT_BLOCK_Q = 8
@@ -65,6 +72,24 @@ class _Static:
   num_splits: int
   pages_per_block: int
   interpret: object  # False or a pltpu.InterpretParams
+  k_lay: Q.ScaleLayout | None = None
+  v_lay: Q.ScaleLayout | None = None
+  kv_heads: int = 1
+
+
+def _dequant(x, s_ref, lay, kvh_ref, st: _Static, dtype):
+  """A [page_size * kv_heads, head_dim] page block as real values (quantized pools) in `dtype`."""
+  if lay is None:
+    return x
+  xf = x.astype(jnp.float32)
+  if lay.kind == "token":
+    return (xf * s_ref[...]).astype(dtype)  # [cols, 1] broadcast along lanes
+  sc = s_ref[...]  # [kv_heads, head_dim]
+  row_kvh = _lanes_to(kvh_ref[...], x.shape[1])  # [cols, d]: the kv head of each row
+  spread = jnp.zeros(xf.shape, jnp.float32)
+  for h in range(st.kv_heads):
+    spread = jnp.where(row_kvh == h, sc[h:h + 1, :], spread)
+  return (xf * spread).astype(dtype)
 
 
 def _kernel(pages_ref, meta_ref, split_ref, row_tok_ref, row_kvh_ref, col_tok_ref, col_kvh_ref, key_tok_ref,
@@ -72,7 +97,10 @@ def _kernel(pages_ref, meta_ref, split_ref, row_tok_ref, row_kvh_ref, col_tok_re
   del pages_ref
   ppb = st.pages_per_block
   k_refs, v_refs = refs[:ppb], refs[ppb:2 * ppb]
-  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[2 * ppb:]
+  quant = refs[2 * ppb:-5]
+  ks_refs, vs_refs = (quant[:ppb], quant[ppb:2 * ppb]) if quant else ((None,) * ppb, (None,) * ppb)
+  kvh_ref = quant[2 * ppb] if len(quant) > 2 * ppb else None
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[-5:]
   p = st.params
   i, s, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   ps = st.page_size
@@ -89,8 +117,8 @@ def _kernel(pages_ref, meta_ref, split_ref, row_tok_ref, row_kvh_ref, col_tok_re
     pos0, key_lo, key_hi = meta_ref[3 * i], meta_ref[3 * i + 1], meta_ref[3 * i + 2]
     base = (first + t * ppb + j) * ps
     q = q_ref[...]
-    k = k_refs[j][...]
-    v = v_refs[j][...]
+    k = _dequant(k_refs[j][...], ks_refs[j], st.k_lay, kvh_ref, st, q.dtype)
+    v = _dequant(v_refs[j][...], vs_refs[j], st.v_lay, kvh_ref, st, q.dtype)
     cols = k.shape[0]
     # keys: positions along lanes ([8, cols]) for the score mask, along sublanes ([cols, 128]) for V rows.
     key_pos = base + col_tok_ref[...]
@@ -138,7 +166,7 @@ def _patterns(bq: int, g: int, ps: int, hkv: int):
 
 
 def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, *, interpret,
-                pages_per_block: int | None = None):
+                pages_per_block: int | None = None, k_scales=None, v_scales=None):
   """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq])."""
   num_items, bq, hq, d = q_items.shape
   num_pages, ps, hkv, _ = k_pages.shape
@@ -153,8 +181,9 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
   item_pages = jnp.clip(C.int32(page_table)[plan.seq], 0, num_pages - 1).reshape(-1)  # [I * pps]
   meta = jnp.stack([plan.pos0, plan.key_lo, plan.key_hi], axis=-1).reshape(-1)  # [I * 3]
   split = jnp.stack([plan.split_first, plan.split_pages], axis=-1).reshape(-1)  # [I * S * 2]
+  k_lay, v_lay = Q.layout(k_pages, k_scales, "k_scales"), Q.layout(v_pages, v_scales, "v_scales")
   st = _Static(params=params, page_size=ps, pages_per_seq=pps, num_splits=S, pages_per_block=ppb,
-               interpret=_interpret_params(interpret))
+               interpret=_interpret_params(interpret), k_lay=k_lay, v_lay=v_lay, kv_heads=hkv)
 
   def page_map(j, i, s, t, pages_ref, meta_ref, split_ref):
     """Physical page of the split's (t * ppb + j)-th page; past the count, the last one (no new DMA)."""
@@ -165,6 +194,22 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
     return pages_ref[i * pps + logical], 0, 0
 
   page_specs = [pl.BlockSpec((None, cols, d), functools.partial(page_map, j)) for j in range(ppb)]
+  quant_specs, quant_args = [], []
+  for scales, lay in ((k_scales, k_lay), (v_scales, v_lay)):
+    if lay is None:
+      continue
+    if lay.kind == "token":
+      quant_args += [scales.reshape(num_pages, cols, 1)] * ppb
+      quant_specs += [pl.BlockSpec((None, cols, 1), functools.partial(page_map, j)) for j in range(ppb)]
+    else:
+      r = lay.pages_per_scale
+      # page ids are >= 0: lax.div (no floor-division sign fix-up, which Mosaic cannot lower off a TPU)
+      row_map = lambda j, *a: (lambda p, x, y: (p if r == 1 else lax.div(p, r), x, y))(*page_map(j, *a))  # noqa: E731
+      quant_args += [scales.reshape(scales.shape[0], hkv, d)] * ppb
+      quant_specs += [pl.BlockSpec((None, hkv, d), functools.partial(row_map, j)) for j in range(ppb)]
+  if "channel" in (getattr(k_lay, "kind", None), getattr(v_lay, "kind", None)):
+    quant_args.append(jnp.broadcast_to((jnp.arange(cols, dtype=jnp.int32) % hkv)[:, None], (cols, LANES)))
+    quant_specs.append(pl.BlockSpec((cols, LANES), lambda i, s, t, *_: (0, 0)))
   # Dynamic grid: the last axis only goes as far as the longest split of this call.
   steps = (jnp.maximum(jnp.max(plan.split_pages), 1) + ppb - 1) // ppb
 
@@ -173,7 +218,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
       const((bq * hq, LANES)), const((bq * hq, LANES)), const((SUBLANES, cols)), const((SUBLANES, cols)),
       const((cols, LANES)),
       pl.BlockSpec((None, rows, d), lambda i, s, t, *_: (i, 0, 0)),
-  ] + page_specs + page_specs
+  ] + page_specs + page_specs + quant_specs
   out_specs = [pl.BlockSpec((None, None, rows, d), lambda i, s, t, *_: (i, s, 0, 0)),
                pl.BlockSpec((None, None, rows, LANES), lambda i, s, t, *_: (i, s, 0, 0))]
   o, lse = pl.pallas_call(
@@ -187,7 +232,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=st.interpret,
       name="paged_attention",
-  )(item_pages, meta, split, *_patterns(bq, g, ps, hkv), qx, *[kx] * ppb, *[vx] * ppb)
+  )(item_pages, meta, split, *_patterns(bq, g, ps, hkv), qx, *[kx] * ppb, *[vx] * ppb, *quant_args)
   o, lse = merge_partials(o, lse[..., 0], axis=1)  # [I, rows, d], [I, rows]
   o = o.reshape(num_items, hq, bq, d).transpose(0, 2, 1, 3)
   lse = lse.reshape(num_items, hq, bq).transpose(0, 2, 1)
@@ -196,7 +241,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
                     logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
-                    pages_per_block: int | None = None):
+                    pages_per_block: int | None = None, k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.paged_attention`. pages_per_block: pages DMA'd per grid step (None:
   about 256 keys). num_splits=None: 2 when the batch is small (both
   TensorCores of a megacore chip busy), else 1 (each grid step is one page; splits only add parallelism)."""
@@ -204,7 +249,8 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
     C.check_block("pages_per_block", pages_per_block, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
   attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params,
-                                             interpret=interpret, pages_per_block=pages_per_block)
+                                             interpret=interpret, pages_per_block=pages_per_block,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_decode(attend, q, k_pages, page_table, kv_lens, params,
                       splits=lambda _: num_splits or (2 if q.shape[0] < 8 else 1), return_lse=return_lse)
 
@@ -212,7 +258,7 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
                            sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
                            block_q: int = DEFAULT_BLOCK_Q, num_splits: int | None = None,
-                           pages_per_block: int | None = None):
+                           pages_per_block: int | None = None, k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (tile rows
   q_heads * block_q); num_splits: split-K ranges per item (None: 1)."""
   C.check_block("block_q", block_q, implementation=NAME)
@@ -222,6 +268,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     C.check_block("num_splits", num_splits, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
   attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params,
-                                             interpret=interpret, pages_per_block=pages_per_block)
+                                             interpret=interpret, pages_per_block=pages_per_block,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
                       num_splits=num_splits, return_lse=return_lse)

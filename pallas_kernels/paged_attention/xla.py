@@ -8,6 +8,8 @@ cache capacity, and the ragged op never forms a dense [tokens x all keys] score 
 its own sequence's pages, from its window start to its last row). Online softmax in float32 per split;
 splits are merged by log-sum-exp. Matmul operands stay in the input dtype with float32 accumulation.
 Gathered slots that are not visible are zeroed, so whatever unused slots hold never reaches the output.
+A quantized pool (k_scales / v_scales, see _quant.py) is dequantized chunk by chunk: each iteration converts
+only the pages it has just gathered (to q's dtype), never the pool.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pallas_kernels import decode_common as C
 from pallas_kernels.lse import merge_partials, normalize, online_step
 from pallas_kernels.op import always_available
 from pallas_kernels.paged_attention import _common as P
+from pallas_kernels.paged_attention import _quant as Q
 
 NAME = "xla"
 DEFAULT_KEYS_PER_CHUNK = 256
@@ -29,7 +32,8 @@ _MAX_ITERATIONS = 8  # num_splits=None: split until the sequential loop has abou
 unavailable_reason = always_available
 
 
-def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, pages_per_chunk: int):
+def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.ScoreParams, pages_per_chunk: int,
+                k_scales=None, v_scales=None):
   """q_items [I, bq, hq, d] -> (o float32 [I, bq, hq, d], lse float32 [I, bq, hq]) over each item's pages."""
   num_items, bq, hq, d = q_items.shape
   num_pages, ps, hkv, _ = k_pages.shape
@@ -39,6 +43,7 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
   qx = q_items.reshape(num_items, bq, hkv, g, d)
   qpos = plan.pos0[:, None] + jnp.arange(bq, dtype=jnp.int32)[None, :]  # [I, bq]
   page_table = C.int32(page_table)
+  k_lay, v_lay = Q.layout(k_pages, k_scales, "k_scales"), Q.layout(v_pages, v_scales, "v_scales")
 
   def body(c, carry):
     m, l, acc = carry
@@ -50,8 +55,8 @@ def attend_plan(q_items, k_pages, v_pages, page_table, plan: P.Plan, params: C.S
     kpos = (lp[..., None] * ps + jnp.arange(ps, dtype=jnp.int32)).reshape(num_items, S, ppc * ps)
     kvalid = (jnp.repeat(in_split, ps, axis=2) & (kpos >= plan.key_lo[:, None, None])
               & (kpos <= plan.key_hi[:, None, None]))  # [I, S, C]
-    kt = k_pages[phys].reshape(num_items, S, ppc * ps, hkv, d)
-    vt = v_pages[phys].reshape(num_items, S, ppc * ps, hkv, d)
+    kt = Q.dequant_pages(k_pages, k_scales, k_lay, phys, q_items.dtype).reshape(num_items, S, ppc * ps, hkv, d)
+    vt = Q.dequant_pages(v_pages, v_scales, v_lay, phys, q_items.dtype).reshape(num_items, S, ppc * ps, hkv, d)
     kt = jnp.where(kvalid[..., None, None], kt, jnp.zeros((), kt.dtype))
     vt = jnp.where(kvalid[..., None, None], vt, jnp.zeros((), vt.dtype))
     vis = kvalid[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])  # [I, S, bq, C]
@@ -84,14 +89,15 @@ def _default_splits(max_pages: int, ppc: int) -> int:
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, sliding_window=None,
                     logits_soft_cap=None, num_splits=None, return_lse=False, interpret=False,
-                    keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK):
+                    keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK, k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.paged_attention`; keys_per_chunk sets the pages gathered per loop
   iteration (rounded down to whole pages, at least one)."""
   del interpret
   C.check_block("keys_per_chunk", keys_per_chunk, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
   ppc = _pages_per_chunk(k_pages.shape[1], keys_per_chunk)
-  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc)
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_decode(attend, q, k_pages, page_table, kv_lens, params,
                       splits=lambda max_pages: num_splits or _default_splits(max_pages, ppc), return_lse=return_lse)
 
@@ -99,7 +105,7 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, *, sm_scale=None, 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, num_seqs, *, sm_scale=None,
                            sliding_window=None, logits_soft_cap=None, return_lse=False, interpret=False,
                            block_q: int = DEFAULT_BLOCK_Q, num_splits: int | None = None,
-                           keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK):
+                           keys_per_chunk: int = DEFAULT_KEYS_PER_CHUNK, k_scales=None, v_scales=None):
   """Same contract as `pallas_kernels.ragged_paged_attention`. block_q: query rows per item (a decode token
   is an item of its own, a prefill chunk of q_len rows is cdiv(q_len, block_q) items); num_splits: split-K
   ranges per item (None: 1); keys_per_chunk as in paged_attention."""
@@ -110,6 +116,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, cu_q_lens, 
     C.check_block("num_splits", num_splits, implementation=NAME)
   params = C.score_params(q.shape[-1], sm_scale, sliding_window, logits_soft_cap)
   ppc = _pages_per_chunk(k_pages.shape[1], keys_per_chunk)
-  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc)
+  attend = lambda q_items, plan: attend_plan(q_items, k_pages, v_pages, page_table, plan, params, ppc,
+                                             k_scales=k_scales, v_scales=v_scales)
   return P.run_ragged(attend, q, k_pages, page_table, kv_lens, cu_q_lens, num_seqs, params, block_q=block_q,
                       num_splits=num_splits, return_lse=return_lse)

@@ -173,3 +173,71 @@ _KL = jnp.zeros((2,), jnp.int32)
 def test_bad_inputs(args, kw, match, impl):
   with pytest.raises(ValueError, match=match):
     pallas_kernels.decode_attention(*args, implementation=impl, interpret=True, **kw)
+
+
+# ------------------------------------------------------------------------------- quantized caches (int8/fp8)
+# Random int8 / float8_e4m3fn codes with random float32 scales, per token [b, L, hkv, 1] or per channel of
+# each sequence [b, 1, hkv, d]; the scales of invisible slots (per token) are NaN. Every implementation against
+# the reference on the same cache; the reference against itself on the dequantized float32 cache (exact).
+
+QUANT_CASES = [(CASES[1], "int8", "channel", "token"), (CASES[3], "float8_e4m3fn", "token", "token")]
+
+
+def quantize_cache(x, dtype: str, kind: str, seed: int):
+  rng = np.random.default_rng(seed)
+  vis = ~np.isnan(np.asarray(x, np.float32)[..., 0, 0])  # [b, L]
+  b, L, hkv, d = x.shape
+  if dtype == "int8":
+    codes = jnp.asarray(rng.integers(-127, 128, (b, L, hkv, d)).astype(np.int8))
+  else:
+    codes = jnp.asarray((rng.standard_normal((b, L, hkv, d)) * 60).astype(np.float32)).astype(jnp.float8_e4m3fn)
+  if kind == "token":
+    scales = rng.uniform(0.002, 0.05, (b, L, hkv, 1)).astype(np.float32)
+    scales[~vis] = np.nan
+  else:
+    scales = rng.uniform(0.002, 0.05, (b, 1, hkv, d)).astype(np.float32)
+  return codes, jnp.asarray(scales)
+
+
+def quant_inputs(case, dtype, k_kind, v_kind):
+  (q, k, v, kv_lens), _ = make_inputs(case)
+  kq, ks = quantize_cache(k, dtype, k_kind, 1)
+  vq, vs = quantize_cache(v, dtype, v_kind, 2)
+  return (q, kq, vq, kv_lens), dict(k_scales=ks, v_scales=vs)
+
+
+_QID = lambda x: x if isinstance(x, str) else f"{x[0].name}-{x[1]}-k{x[2]}-v{x[3]}"  # noqa: E731
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_reference(qcase):
+  args, scales = quant_inputs(*qcase)
+  return jax.jit(functools.partial(reference.decode_attention, **scales, **kwargs(qcase[0])))(*args)
+
+
+@pytest.mark.parametrize("qcase", QUANT_CASES, ids=_QID)
+def test_quantized_reference_is_reference_on_dequantized_cache(qcase):
+  (q, kq, vq, kv_lens), sc = quant_inputs(*qcase)
+  real = lambda c, s: (c.astype(jnp.float32) * s).astype(q.dtype)  # noqa: E731
+  expected = jax.jit(functools.partial(reference.decode_attention, **kwargs(qcase[0])))(
+      q, real(kq, sc["k_scales"]), real(vq, sc["v_scales"]), kv_lens)
+  assert_close(_quant_reference(qcase), expected, 0.0 if q.dtype == jnp.float32 else TOL[qcase[0].dtype][0], "out")
+
+
+# pallas_tpu (the slowest in interpret mode) on the per-channel case only: it exercises scale rows shared by
+# several pages of the contiguous cache's page view
+@pytest.mark.parametrize("qcase,impl", [(c, i) for c in QUANT_CASES for i in IMPLS
+                                        if i != "pallas_tpu" or c[2] == "channel"], ids=_QID)
+def test_quantized_matches_reference(qcase, impl):
+  args, scales = quant_inputs(*qcase)
+  o = jax.jit(functools.partial(IMPLS[impl], **scales, **kwargs(qcase[0])))(*args)
+  assert o.dtype == qcase[0].dtype and o.shape == args[0].shape
+  assert_close(o, _quant_reference(qcase), TOL[qcase[0].dtype][0], "out")
+
+
+def test_quantized_bad_scales():
+  args, scales = quant_inputs(*QUANT_CASES[0])
+  with pytest.raises(ValueError, match="k_scales and v_scales must be given together"):
+    pallas_kernels.decode_attention(*args, k_scales=scales["k_scales"])
+  with pytest.raises(ValueError, match="v_scales must be float32 of shape"):
+    pallas_kernels.decode_attention(*args, k_scales=scales["k_scales"], v_scales=scales["v_scales"][:, :3])

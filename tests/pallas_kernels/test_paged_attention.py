@@ -389,3 +389,108 @@ def test_paged_bad_inputs(args, kw, match, impl):
 def test_ragged_bad_inputs(args, match, impl):
   with pytest.raises(ValueError, match=match):
     pallas_kernels.ragged_paged_attention(*args, implementation=impl, interpret=True)
+
+
+# ------------------------------------------------------------------------------- quantized pools (int8/fp8)
+# k/v pages hold random int8 / float8_e4m3fn codes with random float32 scales (per token [P, ps, hkv, 1] or
+# per page and channel [P, 1, hkv, d]); every scale of an invisible slot (per token) or of a page with no
+# visible slot (per channel) is NaN, so a kernel that dequantizes and uses one fails. Each implementation runs
+# on the quantized pool and is compared with the reference on the same pool (which dequantizes in float32);
+# the reference on the quantized pool equals the reference on the float32 pool of dequantized values exactly.
+# Tolerances: those of the query dtype (the kernels cast the dequantized tile to q's dtype before the dot).
+
+QUANT_CASES = [  # (ragged or paged case, codes dtype, key scales, value scales)
+    (RAGGED_CASES[1], "int8", "channel", "token"),  # mixed prefill/decode, GQA 4, window, soft cap
+    (PAGED_CASES[3], "float8_e4m3fn", "token", "token"),  # decode, bf16, GQA 2, page 8, window
+]
+
+
+def quantize_pool(pages, dtype: str, kind: str, seed: int):
+  """Random codes of `dtype` and random scales of `kind` for a (NaN-poisoned) pool of pages' shape."""
+  rng = np.random.default_rng(seed)
+  vis = ~np.isnan(np.asarray(pages, np.float32)[..., 0, 0])  # [P, ps]: slots some query sees
+  n, ps, hkv, d = pages.shape
+  if dtype == "int8":
+    codes = jnp.asarray(rng.integers(-127, 128, (n, ps, hkv, d)).astype(np.int8))
+  else:
+    codes = jnp.asarray((rng.standard_normal((n, ps, hkv, d)) * 60).astype(np.float32)).astype(jnp.float8_e4m3fn)
+  if kind == "token":
+    scales = rng.uniform(0.002, 0.05, (n, ps, hkv, 1)).astype(np.float32)
+    scales[~vis] = np.nan
+  else:
+    scales = rng.uniform(0.002, 0.05, (n, 1, hkv, d)).astype(np.float32)
+    scales[~vis.any(1)] = np.nan
+  return codes, jnp.asarray(scales)
+
+
+def quant_args(case, dtype, k_kind, v_kind):
+  """(args with quantized pools in place of the float ones, dict(k_scales, v_scales), kernel kwargs)."""
+  if isinstance(case, Paged):
+    args, _, _ = make_paged(case)
+    kw = paged_kwargs(case)
+  else:
+    args, _ = make_step(case)
+    kw = ragged_kwargs(case)
+  kq, ks = quantize_pool(args[1], dtype, k_kind, 1)
+  vq, vs = quantize_pool(args[2], dtype, v_kind, 2)
+  return (args[0], kq, vq, *args[3:]), dict(k_scales=ks, v_scales=vs), kw
+
+
+def _qid(x):
+  return x.name if isinstance(x, (Ragged, Paged)) else str(x)
+
+
+@functools.lru_cache(maxsize=None)
+def _quant_reference(qcase):
+  args, scales, kw = quant_args(*qcase)
+  fn = reference.paged_attention if isinstance(qcase[0], Paged) else reference.ragged_paged_attention
+  return jax.jit(functools.partial(fn, **scales, **kw))(*args)
+
+
+@pytest.mark.parametrize("qcase", QUANT_CASES, ids=lambda c: f"{c[0].name}-{c[1]}-k{c[2]}-v{c[3]}")
+def test_quantized_reference_is_reference_on_dequantized_pool(qcase):
+  args, scales, kw = quant_args(*qcase)
+  real = lambda codes, s: (codes.astype(jnp.float32) * s).astype(args[0].dtype)  # noqa: E731
+  fargs = (args[0], real(args[1], scales["k_scales"]), real(args[2], scales["v_scales"]), *args[3:])
+  fn = reference.paged_attention if isinstance(qcase[0], Paged) else reference.ragged_paged_attention
+  expected = jax.jit(functools.partial(fn, **kw))(*fargs)
+  tol = 0.0 if args[0].dtype == jnp.float32 else TOL[qcase[0].dtype][0]  # bf16: dequantized values rounded
+  assert_close(_quant_reference(qcase), expected, tol, "out")
+
+
+@pytest.mark.parametrize("qcase,impl", [slow_when(i == "pallas_tpu", c, i) for c in QUANT_CASES
+                                        for i in ("xla", "pallas_gpu", "pallas_tpu")],
+                         ids=lambda x: x if isinstance(x, str) else f"{x[0].name}-{x[1]}-k{x[2]}-v{x[3]}")
+def test_quantized_matches_reference(qcase, impl):
+  args, scales, kw = quant_args(*qcase)
+  table = PAGED_IMPLS if isinstance(qcase[0], Paged) else RAGGED_IMPLS
+  o = jax.jit(functools.partial(table[impl], **scales, **kw))(*args)
+  assert o.dtype == qcase[0].dtype and o.shape == args[0].shape
+  assert_close(o, _quant_reference(qcase), TOL[qcase[0].dtype][0], "out")
+
+
+@pytest.mark.parametrize("k_kind", ["channel", "token"])
+@pytest.mark.parametrize("platform,module,marker", [("cuda", gpu, "triton"), ("tpu", tpu, "tpu_custom_call")])
+def test_quantized_pallas_lowers_for_hardware(platform, module, marker, k_kind):
+  """int8 pages with per-channel or per-token key scales (per-token value scales), ragged, lowered at
+  realistic sizes (head_dim 128, page 16, GQA 4) for the real backend without one."""
+  kp = jnp.ones((64, 16, 2, 128), jnp.int8)
+  ks = jnp.ones((64, 1, 2, 128) if k_kind == "channel" else (64, 16, 2, 1), jnp.float32)
+  vs = jnp.ones((64, 16, 2, 1), jnp.float32)
+  args = (jnp.ones((32, 8, 128), jnp.bfloat16), kp, kp, jnp.zeros((4, 16), jnp.int32), jnp.ones((4,), jnp.int32),
+          jnp.zeros((5,), jnp.int32), jnp.int32(3))
+  fn = functools.partial(module.ragged_paged_attention, sliding_window=64, k_scales=ks, v_scales=vs)
+  assert marker in jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_quantized_bad_scales():
+  args, scales, _ = quant_args(*QUANT_CASES[0])
+  with pytest.raises(ValueError, match="k_scales and v_scales must be given together"):
+    pallas_kernels.ragged_paged_attention(*args, k_scales=scales["k_scales"])
+  with pytest.raises(ValueError, match="k_scales must have shape"):
+    pallas_kernels.ragged_paged_attention(*args, k_scales=scales["k_scales"][:, :, :, :3], v_scales=scales["v_scales"])
+  with pytest.raises(ValueError, match="v_scales must be float32"):
+    pallas_kernels.ragged_paged_attention(*args, k_scales=scales["k_scales"],
+                                          v_scales=scales["v_scales"].astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match="k_pages with scales must be one of"):
+    pallas_kernels.ragged_paged_attention(args[0], args[1].astype(jnp.int16), *args[2:], **scales)
