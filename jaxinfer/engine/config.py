@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from jaxinfer.config.schema import ConfigError
+from jaxinfer.engine.speculative.config import SpeculativeConfig
 
 
 def _positive(name: str, value) -> None:
@@ -53,8 +54,10 @@ class EngineConfig:
   max_prefix_groups: int = 4
   min_shared_prefix_pages: int = 1
   shared_prefix_impl: str | None = None  # pallas_kernels.shared_prefix_attention.paged_prefix_attention impl
+  speculative: SpeculativeConfig | None = None  # speculative decoding (docs/speculative.md); None: off
 
   def __post_init__(self):
+    _check_speculative(self)
     for name in ("max_batch_size", "page_size", "max_step_tokens", "max_queue", "min_seq_bucket",
                  "max_rows_per_seq", "max_prefix_groups", "min_shared_prefix_pages"):
       _positive(name, getattr(self, name))
@@ -116,3 +119,15 @@ class EngineConfig:
                         f"must be >= max_model_len + max_batch_size - 1 = {max_model_len + self.max_batch_size - 1}"
                         " so a whole prompt always fits beside the running decodes")
     return dataclasses.replace(self, num_pages=int(num_pages), max_model_len=int(max_model_len))
+
+
+def _check_speculative(cfg: EngineConfig) -> None:
+  """speculative: None, a SpeculativeConfig, or its section / dict (converted, errors naming the field)."""
+  value = cfg.speculative
+  if value is None or isinstance(value, SpeculativeConfig):
+    return
+  if not hasattr(value, "keys"):
+    raise ConfigError(f"engine.speculative: must be a SpeculativeConfig (or its section), got {value!r}")
+  from jaxinfer.config.schema import from_section
+
+  object.__setattr__(cfg, "speculative", from_section(SpeculativeConfig, value, "engine.speculative"))
