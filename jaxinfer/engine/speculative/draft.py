@@ -48,8 +48,10 @@ class DraftProposer(Proposer):
 
     ec = target_engine_config
     max_len = min(ec.max_model_len, draft_model.config.max_position_embeddings)
+    # the target's max_rows_per_seq (the draft never verifies anything) keeps the step programs' output size the
+    # same as the target's, so a draft of the same architecture reuses the target's compiled programs
     draft_config = dataclasses.replace(
-        ec, speculative=None, max_rows_per_seq=1, max_model_len=max_len, enable_prefix_caching=False,
+        ec, speculative=None, max_model_len=max_len, enable_prefix_caching=False,
         enable_shared_prefix_attention=False, async_scheduling=False, track_slot_positions=False, kv_dtype=None)
     self.engine = Engine(draft_model, draft_config)
     self.engine.probs_for = lambda s: s.request.sampling.temperature > 0
