@@ -18,6 +18,6 @@ def get_config():
   model = model_section(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                         num_kv_heads=2, max_position_embeddings=256, initializer_range=0.2)  # smoke only
   speculative = to_section(SpeculativeRunConfig, target="results/quickstart/hf", draft="results/speculative_draft/hf",
-                           methods=("ngram", "draft"), ks=(1, 2, 4), adaptive=True, batches=(1, 8),
-                           prompt_tokens=96, max_new_tokens=32, temperature=0.0, rounds=1)
+                           methods=("ngram", "draft"), ks=(1, 3), adaptive=True, batches=(1, 8),
+                           prompt_tokens=96, max_new_tokens=32, temperature=0.0, rounds=2)
   return experiment("speculative", driver="speculative", seed=0, model=model, speculative=speculative)

@@ -94,7 +94,7 @@ def test_greedy_matches_generate_under_batching_caching_and_preemption(model, dr
     assert st["steps"] < sum(news)  # several tokens per step
   assert st["spec_draft_tokens"] > 0  # drafts were verified (prompt lookup: the repetitive prompts' n-grams)
   if name == "draft-same":  # the draft engine's pool is consistent too
-    engine.scheduler.proposer.engine.check_pages()
+    engine.scheduler.proposer.inner.engine.check_pages()
 
 
 def test_generate_with_speculative_matches_generate(model, draft):

@@ -11,7 +11,7 @@ from jaxinfer.engine.speculative.base import Proposer
 
 
 class AdaptiveLength(Proposer):
-  """Wraps a proposer, clipping each request's drafts to its own current k."""
+  """Wraps a proposer, clipping each request's drafts to its own current k (k_min == k_max: a fixed cap)."""
 
   def __init__(self, inner: Proposer, k_max: int, k_min: int = 1):
     self.inner, self.k_max, self.k_min = inner, k_max, k_min

@@ -36,6 +36,7 @@ def configure(engine, model, ec, proposer):
                       f"max_step_tokens={ec.max_step_tokens}")
   ec = dataclasses.replace(ec, max_rows_per_seq=max(ec.max_rows_per_seq, k + 1))
   proposer = BUILDERS[spec.method](spec, engine, model, ec)
-  if spec.adaptive:
-    proposer = AdaptiveLength(proposer, k, spec.min_speculative_tokens)
+  # the cap on drafts is k even when max_rows_per_seq allows more (engines sharing programs across k);
+  # adaptive: a sequence's own k moves between min_speculative_tokens and k
+  proposer = AdaptiveLength(proposer, k, spec.min_speculative_tokens if spec.adaptive else k)
   return ec, proposer
