@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from jaxinfer.config.schema import ConfigError
+from jaxinfer.engine.speculative.config import SpeculativeConfig
 
 
 def _positive(name: str, value) -> None:
@@ -60,8 +61,10 @@ class EngineConfig:
   kv_cache_dtype: str | None = None
   kv_cache_bytes: int | None = None  # KV byte budget: num_pages = budget // bytes per page (excludes num_pages)
   kv_quant_key_granularity: str = "per_channel"  # quantized keys: "per_channel" (per page) or "per_token"
+  speculative: SpeculativeConfig | None = None  # speculative decoding (docs/speculative.md); None: off
 
   def __post_init__(self):
+    _check_speculative(self)
     for name in ("max_batch_size", "page_size", "max_step_tokens", "max_queue", "min_seq_bucket",
                  "max_rows_per_seq", "max_prefix_groups", "min_shared_prefix_pages"):
       _positive(name, getattr(self, name))
@@ -173,3 +176,15 @@ def pages_for_budget(cfg: EngineConfig, model_config) -> int:
     raise ConfigError(f"engine.kv_cache_bytes: kv_cache_bytes={cfg.kv_cache_bytes} holds no page (one page of "
                       f"{cfg.page_size} tokens takes {per_page} bytes with {cache_dtype(cfg, model_config)})")
   return int(pages)
+
+
+def _check_speculative(cfg: EngineConfig) -> None:
+  """speculative: None, a SpeculativeConfig, or its section / dict (converted, errors naming the field)."""
+  value = cfg.speculative
+  if value is None or isinstance(value, SpeculativeConfig):
+    return
+  if not hasattr(value, "keys"):
+    raise ConfigError(f"engine.speculative: must be a SpeculativeConfig (or its section), got {value!r}")
+  from jaxinfer.config.schema import from_section
+
+  object.__setattr__(cfg, "speculative", from_section(SpeculativeConfig, value, "engine.speculative"))

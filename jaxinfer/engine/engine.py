@@ -54,6 +54,12 @@ class Engine:
     self.config = cfg  # the model's config
     self.engine_config = EngineConfig.from_kwargs(config, **overrides).resolve(cfg)
     ec = self.engine_config
+    self.probs_for = None  # seq -> bool: steps holding such a sequence also return row distributions
+    if ec.speculative is not None:  # a speculative method from the config (jaxinfer/engine/speculative/)
+      from jaxinfer.engine.speculative.setup import configure
+
+      self.engine_config, proposer = configure(self, model, ec, proposer)
+      ec = self.engine_config
     self.pages_per_seq = -(-ec.max_model_len // ec.page_size)
     self.builder = BatchBuilder(max_batch_size=ec.max_batch_size, max_step_tokens=ec.max_step_tokens,
                                 page_size=ec.page_size, pages_per_seq=self.pages_per_seq, num_pages=ec.num_pages,
@@ -85,7 +91,8 @@ class Engine:
     self.stats = {"steps": 0, "preemptions": 0, "scheduled_tokens": 0, "padded_tokens": 0, "generated_tokens": 0,
                   "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
                   "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "draft_tokens": 0,
-                  "accepted_draft_tokens": 0, "host_seconds": 0.0}
+                  "accepted_draft_tokens": 0, "host_seconds": 0.0, "spec_draft_tokens": 0,
+                  "spec_accepted_tokens": 0, "spec_verify_steps": 0}
     self.processor = OutputProcessor(self.scheduler, self.stats, self._finish)
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
              "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s, async scheduling %s; token "
@@ -284,7 +291,8 @@ class Engine:
       self.stats["shared_prefix_seqs"] += group.num_seqs
       self.stats["shared_prefix_tokens_saved"] += (group.num_seqs - 1) * group.num_pages * ps
     dispatch_start = time.perf_counter()
-    inflight = self.runner.dispatch(built, schedule.copies, want_logprobs)
+    want_probs = self.probs_for is not None and any(s.num_samples and self.probs_for(s) for s in seqs)
+    inflight = self.runner.dispatch(built, schedule.copies, want_logprobs, want_probs)
     dispatch_seconds = time.perf_counter() - dispatch_start  # device work handed over (compiles on a new shape)
     self.scheduler.release_copy_sources()
     self.scheduler.dispatched(schedule)  # as if the step had run: the next schedule follows it
@@ -300,7 +308,7 @@ class Engine:
   def _process(self, inflight) -> list[RequestOutput]:
     tokens, logprobs = inflight.fetch()
     start = time.perf_counter()
-    outputs = self.processor.process(inflight.built, tokens, logprobs)
+    outputs = self.processor.process(inflight.built, tokens, logprobs, inflight.fetch_probs())
     self.stats["host_seconds"] += time.perf_counter() - start
     return outputs
 

@@ -38,12 +38,13 @@ CANCELLED = "cancelled"  # engine.cancel(request_id)
 @dataclasses.dataclass
 class RequestOutput:
   """What one step produced for one request. new_token_ids is a list so that a step that accepts several
-  tokens at once (speculative decoding) fits the same type; today it holds at most one token."""
+  tokens at once (speculative decoding) fits the same type: with speculative decoding it may hold several."""
   request_id: int
   new_token_ids: list[int]
   finished: bool = False
   finish_reason: str | None = None  # "stop", "length", "cancelled" when finished
   logprobs: list[float] | None = None  # log p(token) of each new token, when sampling.logprobs is set
+  probs: list | None = None  # the distribution each new token was drawn from, when the engine asked (speculative)
 
 
 @dataclasses.dataclass(eq=False)

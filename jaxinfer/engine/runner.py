@@ -34,15 +34,17 @@ def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
 
 
 def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool,
-                 decode_only: bool, sharding=None):
+                 decode_only: bool, sharding=None, return_probs: bool = False):
   """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
   only the flat list of parameter arrays, so no step walks the NNX state either)."""
-  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding)
+  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding) + (
+      ("probs",) if return_probs else ())
   fn = _JITTED.get(key)
   if fn is None:
     fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
                                    attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret,
-                                   decode_only=decode_only, sharding=sharding),
+                                   decode_only=decode_only, sharding=sharding,
+                                   **({"return_probs": True} if return_probs else {})),
                  donate_argnums=(1,))
     _JITTED[key] = fn
   return fn
@@ -59,6 +61,10 @@ class InFlight:
   sampled: jax.Array
   logprobs: jax.Array
   want_logprobs: bool
+  probs: jax.Array | None = None  # [max_rows, vocab] when the step was asked for distributions (speculative)
+
+  def fetch_probs(self) -> np.ndarray | None:
+    return None if self.probs is None else to_host(self.probs)
 
   def fetch(self) -> tuple[np.ndarray, np.ndarray | None]:
     """Blocks until the step is done; (sampled tokens, log-probs or None if nobody asked)."""
@@ -90,6 +96,8 @@ class ModelRunner:
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0
     self._shapes_seen: set = set()
+    self._state_def = state_def
+    self._prob_steps: dict = {}  # decode_only -> step that also returns each row's distribution (speculative)
 
   # ------------------------------------------------------------------ device-side bookkeeping
   def apply_table_update(self, update) -> None:
@@ -128,10 +136,12 @@ class ModelRunner:
       self.run_empty(shape, pages_per_seq, decode_only)
       self.compile_seconds += time.perf_counter() - start
 
-  def dispatch(self, built: BuiltStep, copies, want_logprobs: bool) -> InFlight:
+  def dispatch(self, built: BuiltStep, copies, want_logprobs: bool, want_probs: bool = False) -> InFlight:
     if copies:
       self.copy_pages(copies)
     self.apply_table_update(built.table_update)
+    if want_probs:
+      return self._dispatch_probs(built, want_logprobs)
     step = self._steps[built.decode_only]
     sampled, logprobs, self.pool = step(self.state_leaves, self.pool, self.table, self.prev_sampled, built.batch)
     self.prev_sampled = sampled
@@ -139,3 +149,20 @@ class ModelRunner:
     if want_logprobs:
       logprobs.copy_to_host_async()
     return InFlight(built, sampled, logprobs, want_logprobs)
+
+  def _dispatch_probs(self, built: BuiltStep, want_logprobs: bool) -> InFlight:
+    """The step program that also returns every sampled row's distribution (speculative sampling)."""
+    step = self._prob_steps.get(built.decode_only)
+    if step is None:
+      cfg = self.cfg
+      step = self._prob_steps[built.decode_only] = _jitted_step(
+          self.graphdef, self._state_def, self.max_rows, cfg.attention_impl, cfg.shared_prefix_impl, cfg.interpret,
+          built.decode_only, self.sharding, return_probs=True)
+    sampled, logprobs, self.pool, probs = step(self.state_leaves, self.pool, self.table, self.prev_sampled,
+                                               built.batch)
+    self.prev_sampled = sampled
+    sampled.copy_to_host_async()
+    probs.copy_to_host_async()
+    if want_logprobs:
+      logprobs.copy_to_host_async()
+    return InFlight(built, sampled, logprobs, want_logprobs, probs)

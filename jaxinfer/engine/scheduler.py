@@ -361,6 +361,19 @@ class Scheduler:
       return []
     return list(self.proposer.propose(request, room))[:room]
 
+  def _prepare_drafts(self, decoding: list[Request]) -> None:
+    """A batched proposer (a draft model) drafts for every decode of this schedule at once, before it."""
+    prepare = getattr(self.proposer, "prepare", None)
+    if prepare is None or self.max_rows_per_seq <= 1:
+      return
+    rooms = []
+    for r in decoding:
+      room = min(self.max_rows_per_seq - 1, self.max_step_tokens - 1, r.max_new_tokens - len(r.output) - 1)
+      if self.max_model_len is not None:
+        room = min(room, self.max_model_len - r.num_tokens - 1)
+      rooms.append(room if not r.num_inflight else 0)
+    prepare(decoding, rooms, {r.request_id for r in self.running + self.waiting})
+
   def dispatched(self, schedule: Schedule) -> None:
     """The schedule's step was handed to the device: its tokens count as computed (the next schedule follows
     it), and each sampling sequence has one token on the device until its results are processed."""
@@ -398,6 +411,7 @@ class Scheduler:
     active = [r for r in self.running if not r.done_scheduling]
     decoding = [r for r in active if r.num_pending == 1]
     prefilling = [r for r in active if r.num_pending > 1]
+    self._prepare_drafts(decoding)
     for request in decoding + prefilling:
       if request.status is not Status.RUNNING:
         continue  # preempted earlier in this loop

@@ -38,7 +38,8 @@ def compilation_count() -> int:
 
 
 def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, *, max_rows: int,
-                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False, sharding=None):
+                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False, sharding=None,
+                return_probs=False):
   _compilations["count"] += 1  # runs at trace time only
   t, s, r, g = batch.shape
   log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s%s)", _compilations["count"],
@@ -63,6 +64,11 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
   pool = pool.replace(k=cache.k_pages, v=cache.v_pages, k_scales=cache.k_scales,
                       v_scales=cache.v_scales).record_positions(a.slot_mapping, a.positions)
   pad = max_rows - r
+  if return_probs:  # speculative sampling: each row's whole distribution (jaxinfer/engine/speculative/probs.py)
+    from jaxinfer.engine.speculative.probs import token_probs
+
+    probs = token_probs(logits, sm.temperature, sm.top_k, sm.top_p, sm.min_p)
+    return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool, jnp.pad(probs, ((0, pad), (0, 0)))
   return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool
 
 

@@ -143,10 +143,16 @@ def forget(model) -> None:
 
 
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-             sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = ()) -> list[list[int]]:
-  """Generates up to max_new_tokens for each prompt; a stop token ends its sequence and is included."""
+             sampling: SamplingParams = SamplingParams(), stop_token_ids: Sequence[int] = (),
+             speculative=None) -> list[list[int]]:
+  """Generates up to max_new_tokens for each prompt; a stop token ends its sequence and is included.
+  speculative: a jaxinfer.SpeculativeConfig: generate through the engine with that speculative method."""
   cfg = model.config
   validate_prompts(prompts, max_new_tokens, cfg.vocab_size, cfg.max_position_embeddings)
+  if speculative is not None:
+    from jaxinfer.engine.speculative.generate import speculative_generate
+
+    return speculative_generate(model, prompts, max_new_tokens, sampling, stop_token_ids, speculative)
   if len(stop_token_ids) > MAX_STOP_IDS:
     raise ValueError(f"stop_token_ids: at most {MAX_STOP_IDS} stop ids, got {len(stop_token_ids)}")
   from jaxinfer.engine.sharding import engine_sharding, to_host  # lazily: the engine package imports this module

@@ -1,0 +1,42 @@
+"""From `EngineConfig.speculative` to the engine's proposer: one place that knows every method."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxinfer.config.schema import ConfigError
+from jaxinfer.engine.speculative.adaptive import AdaptiveLength
+from jaxinfer.engine.speculative.ngram import NgramProposer
+
+
+def _ngram(spec, engine, model, ec):
+  return NgramProposer(spec.ngram_max, spec.ngram_min)
+
+
+def _draft(spec, engine, model, ec):
+  from jaxinfer.engine.speculative.draft import DraftProposer, load_draft_model
+
+  draft = load_draft_model(spec.draft_model, model.config)
+  # verification at temperature > 0 needs the target's distribution at each draft row
+  engine.probs_for = lambda s: s.num_draft > 0 and s.request.sampling.temperature > 0
+  return DraftProposer(draft, ec)
+
+
+BUILDERS = {"ngram": _ngram, "draft": _draft}
+
+
+def configure(engine, model, ec, proposer):
+  """(engine config with max_rows_per_seq >= k + 1, proposer) for ec.speculative; sets engine.probs_for."""
+  spec = ec.speculative
+  if proposer is not None:
+    raise ConfigError("engine.speculative: give either EngineConfig.speculative or Engine(proposer=...), not both")
+  k = spec.num_speculative_tokens
+  if k + 1 > ec.max_step_tokens:
+    raise ConfigError(f"engine.speculative.num_speculative_tokens: k={k} needs k + 1 = {k + 1} rows, more than "
+                      f"max_step_tokens={ec.max_step_tokens}")
+  ec = dataclasses.replace(ec, max_rows_per_seq=max(ec.max_rows_per_seq, k + 1))
+  proposer = BUILDERS[spec.method](spec, engine, model, ec)
+  # the cap on drafts is k even when max_rows_per_seq allows more (engines sharing programs across k);
+  # adaptive: a sequence's own k moves between min_speculative_tokens and k
+  proposer = AdaptiveLength(proposer, k, spec.min_speculative_tokens if spec.adaptive else k)
+  return ec, proposer
