@@ -17,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from jaxinfer.config.schema import ConfigError
+from jaxinfer.engine.kv_policies.config import KVPolicyConfig
 
 
 def _positive(name: str, value) -> None:
@@ -53,6 +54,7 @@ class EngineConfig:
   max_prefix_groups: int = 4
   min_shared_prefix_pages: int = 1
   shared_prefix_impl: str | None = None  # pallas_kernels.shared_prefix_attention.paged_prefix_attention impl
+  kv_policy: KVPolicyConfig = dataclasses.field(default_factory=KVPolicyConfig)  # KV eviction (kv_policies/)
 
   def __post_init__(self):
     for name in ("max_batch_size", "page_size", "max_step_tokens", "max_queue", "min_seq_bucket",
@@ -77,6 +79,11 @@ class EngineConfig:
       if self.shared_prefix_impl not in PAGED_IMPLEMENTATIONS:
         raise ConfigError(f"engine.shared_prefix_impl: shared_prefix_impl={self.shared_prefix_impl!r} is not one "
                           f"of {sorted(PAGED_IMPLEMENTATIONS)}")
+    if not isinstance(self.kv_policy, KVPolicyConfig):
+      raise ConfigError(f"engine.kv_policy: must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+    if self.kv_policy.name != "none" and (self.max_rows_per_seq > 1 or self.enable_shared_prefix_attention):
+      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
+                        "speculative verification (max_rows_per_seq > 1) or shared-prefix attention")
     if self.kv_dtype is not None:
       import jax.numpy as jnp
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 import pallas_kernels
+from jaxinfer.engine.kv_policies.attention import policy_attend, policy_finish
 from jaxinfer.engine.kv_pool import KVPool, store
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
@@ -64,6 +65,9 @@ class PagedKVCache:
   attention_impl: str | None = struct.field(pytree_node=False, default=None)
   prefix_impl: str | None = struct.field(pytree_node=False, default=None)
   interpret: bool = struct.field(pytree_node=False, default=False)
+  # KV policy (jaxinfer/engine/kv_policies): slot positions per (layer, kv head), scores; None: no policy
+  policy: object = None
+  policy_rule: object = struct.field(pytree_node=False, default=None)
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -103,6 +107,8 @@ class PagedKVCache:
     del segment_ids, implementation
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
+    if self.policy is not None:  # a KV policy masks by slot positions (jaxinfer/engine/kv_policies/attention.py)
+      return policy_attend(self, layer, q, k, v, positions, sliding_window)
     b, t, heads, d = q.shape
     kp, vp = store(self.k_pages[layer], self.v_pages[layer], self.slots, k[0], v[0])
     if self.group_table is None and self.decode_only:
@@ -142,5 +148,7 @@ class PagedKVCache:
 
   def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
     del num_tokens
+    if self.policy is not None:
+      return policy_finish(self, layer_kvs)
     return self.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
                         slots=None)
