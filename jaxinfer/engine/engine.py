@@ -193,7 +193,8 @@ class Engine:
   def _check_request(self, prompt_ids, sampling, max_new_tokens, stop_token_ids, name="prompt"):
     ec = self.engine_config
     return check_request(prompt_ids, sampling, max_new_tokens, stop_token_ids, vocab=self.config.vocab_size,
-                         max_model_len=ec.max_model_len, num_pages=ec.num_pages, page_size=ec.page_size, name=name)
+                         max_model_len=ec.max_model_len, num_pages=ec.num_pages, page_size=ec.page_size, name=name,
+                         pages_needed=None if self.kv_policy is None else self.kv_policy.pages_for_request)
 
   def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                   max_new_tokens: int | None = None, stop_token_ids: Sequence[int] = ()) -> int:

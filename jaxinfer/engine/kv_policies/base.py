@@ -71,6 +71,10 @@ class EvictionPolicy(KVPolicy):
     """Pages the request needs for its next num_tokens tokens (Scheduler._reserve)."""
     return -(-(self.held_tokens(request) + num_tokens) // self.page_size)
 
+  def pages_for_request(self, num_tokens: int) -> int:
+    """Most pages a request of num_tokens tokens holds at once (admission check)."""
+    return -(-num_tokens // self.page_size)
+
   def register_limit(self, request) -> int:
     """Tokens whose full pages the prefix cache may name."""
     if request.request_id in self.evicted:

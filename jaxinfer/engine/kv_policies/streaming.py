@@ -38,6 +38,9 @@ class StreamingPolicy(EvictionPolicy):
     bound = -(-c.sink_tokens // ps) + -(-(c.window + self.max_step_tokens) // ps) + 1
     return min(pages_per_seq, bound)
 
+  def pages_for_request(self, num_tokens: int) -> int:
+    return min(-(-num_tokens // self.page_size), self.table_pages(num_tokens))
+
   def register_limit(self, request) -> int:
     # positions < sinks + window were computed with nothing masked: the same k/v as full attention
     return min(request.num_tokens, self.config.sink_tokens + self.config.window)
