@@ -64,12 +64,22 @@ def _forward(model, tokens, cache):
   return model(tokens, positions, jnp.zeros_like(tokens), cache)
 
 
+_JIT: dict = {}
+
+
 def masked_logits(model, tokens, vis, *, sinks: int = 0, sink_shift=None) -> np.ndarray:
   """[N, vocab] float32 logits of every position, query i seeing key j in (layer, kv head h) iff vis[l, i, h, j]."""
-  cache = MaskedDenseCache(vis=jnp.asarray(vis), sink_shift=None if sink_shift is None else jnp.asarray(sink_shift),
-                           sinks=sinks, model_config=model.config)
-  logits, _ = _forward(model, tokens, cache)
-  return np.asarray(logits[0], np.float32)
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+  key = (graphdef, sinks, sink_shift is None)
+  if key not in _JIT:  # one compile per model and length: experiments call it many times
+    def run(state, tokens, vis, shift):
+      cache = MaskedDenseCache(vis=vis, sink_shift=shift, sinks=sinks, model_config=model.config)
+      return _forward(nnx.merge(graphdef, state), tokens, cache)[0][0]
+    _JIT[key] = jax.jit(run)
+  shift = None if sink_shift is None else jnp.asarray(sink_shift)
+  return np.asarray(_JIT[key](state, jnp.asarray(tokens, jnp.int32), jnp.asarray(vis), shift), np.float32)
 
 
 def attention_probs(model, tokens) -> np.ndarray:
