@@ -101,6 +101,20 @@ def test_policy_matches_dense_reference(model, case):
   engine.check_pages()
 
 
+def test_snapkv_with_prefix_caching(model):
+  """Composition: a repeated prompt reuses the pages computed before the observation window (and only those:
+  compacted pages are never named), and decodes exactly as the first time."""
+  policy = KVPolicyConfig(**CASES["snapkv"])
+  engine = _engine(model, policy, enable_prefix_caching=True)
+  prompt = np.random.default_rng(9).integers(1, model.config.vocab_size, 37).tolist()
+  first = engine.run([prompt], max_new_tokens=6, progress=False)[0]
+  second = engine.run([prompt], max_new_tokens=6, progress=False)[0]
+  assert first == second
+  stats = engine.prefix_stats
+  assert stats["hit_tokens"] == (37 - policy.window) // PS * PS and engine.kv_policy.stats["compactions"] == 2
+  engine.check_pages()
+
+
 def test_snapkv_scoring_matches_numpy():
   rng = np.random.default_rng(0)
   n, w, budget, kernel, heads, hkv, d = 40, 6, 16, 5, 4, 2, 8

@@ -35,6 +35,9 @@ class H2OPolicy(EvictionPolicy):
   def row_weights(self, request, positions: np.ndarray) -> np.ndarray:
     return np.ones(positions.shape, np.float32)
 
+  def register_limit(self, request) -> int:
+    return 0  # every prompt row scores: a prefix-cache hit would skip some, so nothing is named
+
   def forget(self, request) -> None:
     super().forget(request)
     self.visible.pop(request.request_id, None)

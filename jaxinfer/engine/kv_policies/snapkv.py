@@ -30,6 +30,11 @@ class SnapKVPolicy(EvictionPolicy):
     self.select = functools.partial(device.snapkv_select, window=config.window, kernel=config.pool_kernel,
                                     keep=config.budget)
 
+  def register_limit(self, request) -> int:
+    # a prefix-cache hit skips its cached rows: never let it skip observation rows (they score the prompt)
+    end = self.prefill_end.get(request.request_id, request.num_tokens)
+    return min(super().register_limit(request), end - self.config.window)
+
   def row_weights(self, request, positions: np.ndarray) -> np.ndarray:
     end = self.prefill_end[request.request_id]
     return ((positions >= end - self.config.window) & (positions < end)).astype(np.float32)
