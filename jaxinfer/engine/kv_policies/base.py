@@ -37,6 +37,7 @@ class EvictionPolicy(KVPolicy):
     self.prefill_end: dict[int, int] = {}  # request id -> tokens its (re)computed prefill covers
     self.evicted: set[int] = set()  # requests that dropped or moved a slot (their pages are never named)
     self.max_pages: dict[int, int] = {}  # request id -> most pages it held at once (tests, experiments)
+    self.last_pages: dict[int, int] = {}  # request id -> pages it held after its latest step
     self.stats = {"evicted_pages": 0, "compactions": 0, "deferred_compactions": 0}
     self.runner = self.allocator = self.builder = None
 
@@ -112,6 +113,7 @@ class EvictionPolicy(KVPolicy):
       self.held[r.request_id] = self.held.get(r.request_id, s.start) + s.num_tokens
       self.on_step(r, s)
       self.max_pages[r.request_id] = max(self.max_pages.get(r.request_id, 0), len(r.pages))
+      self.last_pages[r.request_id] = len(r.pages)
 
   def on_step(self, request, seq) -> None:
     raise NotImplementedError
