@@ -81,43 +81,6 @@ def expected_names(sources: dict[tuple, MoESource]) -> set[str]:
   return {name for s in sources.values() for name in s.names}
 
 
-def load_sources(sources: dict[tuple, MoESource], params: dict, files: dict, error: type[Exception]) -> None:
-  """Reads every MoE parameter from the checkpoint (files: HF name -> safetensors file) into its variable;
-  `error` (hf.CheckpointError) names the file and tensor of a wrong shape or unreadable tensor."""
-  import jax.numpy as jnp
-  from safetensors import SafetensorError, safe_open
-
-  handles = {}
-
-  def handle(name):
-    file = files[name]
-    if file not in handles:
-      try:
-        handles[file] = safe_open(file, framework="numpy").__enter__()
-      except (SafetensorError, OSError) as e:
-        raise error(f"{file}: corrupt or unreadable safetensors file ({e})") from e
-    return handles[file]
-
-  def read_tensor(name):
-    try:
-      return handle(name).get_tensor(name)
-    except SafetensorError as e:
-      raise error(f"{files[name]}: tensor {name} is corrupt ({e})") from e
-
-  try:
-    for path, source in sources.items():
-      for name in source.names:
-        shape = tuple(handle(name).get_slice(name).get_shape())
-        if shape != source.hf_shape():
-          raise error(f"{files[name]}: tensor {name} has shape {shape}, but config.json implies "
-                      f"{source.hf_shape()}")
-      var = params[path]
-      var.set_value(jnp.asarray(source.read(read_tensor), dtype=var.get_value().dtype))
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
-
-
 def save_tensors(cfg: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   """HF name -> array (torch layout) for every MoE parameter of `params` (path -> nnx.Variable)."""
   import jax

@@ -65,6 +65,8 @@ class AttentionMetadata:
   group_table: jax.Array | None = None  # [G, pages_per_seq] int32
   group_lens: jax.Array | None = None  # [G] int32
   seq_prefix_lens: jax.Array | None = None  # [S] int32
+  policy_weights: jax.Array | None = None  # [T] float32: weight of each row in a KV policy's scores
+  policy_reset: jax.Array | None = None  # [S] bool: the sequence's policy score row starts from zero
 
 
 @struct.dataclass
@@ -231,6 +233,7 @@ class BatchBuilder:
     b = StepBatch.empty(t_pad, s_pad, r_pad, g_pad, self.pages_per_seq, self.num_slots)
     a, sm = b.attn, b.sampling
     table_update = self._sync_table(seqs)
+    a = a.replace(**self.policy.step_arrays(t_pad, s_pad))
     offset, row = 0, 0
     sample_rows = []
     for i, s in enumerate(seqs):
@@ -247,7 +250,8 @@ class BatchBuilder:
       positions = np.arange(s.start, s.start + n, dtype=np.int32)
       a.positions[offset:offset + n] = positions
       a.slot_mapping[offset:offset + n] = self.policy.slot_mapping(r, positions)
-      a.kv_lens[i] = s.start + n
+      a.kv_lens[i] = self.policy.kv_len(r, s.start + n)
+      self.policy.fill_rows(a, i, r, offset, positions)
       a.seq_slots[i] = self.slot(r)
       offset += n
       a.cu_q_lens[i + 1] = offset

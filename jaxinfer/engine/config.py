@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine.speculative.config import SpeculativeConfig
+from jaxinfer.engine.kv_policies.config import KVPolicyConfig
 
 
 def _positive(name: str, value) -> None:
@@ -62,6 +63,7 @@ class EngineConfig:
   kv_cache_bytes: int | None = None  # KV byte budget: num_pages = budget // bytes per page (excludes num_pages)
   kv_quant_key_granularity: str = "per_channel"  # quantized keys: "per_channel" (per page) or "per_token"
   speculative: SpeculativeConfig | None = None  # speculative decoding (docs/speculative.md); None: off
+  kv_policy: KVPolicyConfig = dataclasses.field(default_factory=KVPolicyConfig)  # KV eviction (kv_policies/)
 
   def __post_init__(self):
     _check_speculative(self)
@@ -87,6 +89,15 @@ class EngineConfig:
       if self.shared_prefix_impl not in PAGED_IMPLEMENTATIONS:
         raise ConfigError(f"engine.shared_prefix_impl: shared_prefix_impl={self.shared_prefix_impl!r} is not one "
                           f"of {sorted(PAGED_IMPLEMENTATIONS)}")
+    if not isinstance(self.kv_policy, KVPolicyConfig):
+      raise ConfigError(f"engine.kv_policy: must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
+    if self.kv_policy.name != "none" and (self.max_rows_per_seq > 1 or self.enable_shared_prefix_attention
+                                          or self.speculative is not None):
+      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
+                        "speculative verification (speculative, max_rows_per_seq > 1) or shared-prefix attention")
+    if self.kv_policy.name != "none" and self.kv_cache_dtype in ("int8", "float8_e4m3fn"):
+      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run on a quantized "
+                        f"KV cache (kv_cache_dtype={self.kv_cache_dtype!r}): its masked attention reads float pages")
     if self.kv_dtype is not None:
       import jax.numpy as jnp
 

@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.allocator import PageAllocator
+from jaxinfer.engine.kv_policies.registry import make_policy
 from jaxinfer.engine.batch import BatchBuilder
 from jaxinfer.engine.config import EngineConfig
 from jaxinfer.engine.output import OutputProcessor
@@ -61,12 +62,16 @@ class Engine:
       self.engine_config, proposer = configure(self, model, ec, proposer)
       ec = self.engine_config
     self.pages_per_seq = -(-ec.max_model_len // ec.page_size)
+    self.kv_policy = make_policy(ec.kv_policy, cfg, ec)  # None: every token keeps its slot
+    if self.kv_policy is not None:
+      self.pages_per_seq = self.kv_policy.table_pages(self.pages_per_seq)
     self.builder = BatchBuilder(max_batch_size=ec.max_batch_size, max_step_tokens=ec.max_step_tokens,
                                 page_size=ec.page_size, pages_per_seq=self.pages_per_seq, num_pages=ec.num_pages,
                                 min_token_bucket=ec.min_token_bucket, min_seq_bucket=ec.min_seq_bucket,
                                 max_rows_per_seq=ec.max_rows_per_seq, max_prefix_groups=ec.max_prefix_groups,
-                                shared_prefix_attention=ec.enable_shared_prefix_attention)
-    self.runner = ModelRunner(model, ec, max_rows=self.builder.max_rows, pages_per_seq=self.pages_per_seq)
+                                shared_prefix_attention=ec.enable_shared_prefix_attention, policy=self.kv_policy)
+    self.runner = ModelRunner(model, ec, max_rows=self.builder.max_rows, pages_per_seq=self.pages_per_seq,
+                              kv_policy=self.kv_policy)
     self.allocator = (PrefixCachingAllocator(ec.num_pages) if ec.enable_prefix_caching
                       else PageAllocator(ec.num_pages))
     self.scheduler = Scheduler(self.allocator, page_size=ec.page_size, max_batch_size=ec.max_batch_size,
@@ -75,7 +80,10 @@ class Engine:
                                group_prefixes=ec.enable_shared_prefix_attention,
                                max_prefix_groups=ec.max_prefix_groups,
                                min_shared_prefix_pages=ec.min_shared_prefix_pages, proposer=proposer,
-                               max_rows_per_seq=ec.max_rows_per_seq, max_model_len=ec.max_model_len)
+                               max_rows_per_seq=ec.max_rows_per_seq, max_model_len=ec.max_model_len,
+                               kv_policy=self.kv_policy)
+    if self.kv_policy is not None:
+      self.kv_policy.bind(self.runner, self.allocator, self.builder)
     self._requests: dict[int, Request] = {}  # unfinished
     self._finish_reasons: dict[int, str] = {}  # finished: id -> reason
     self._pending_outputs: list[RequestOutput] = []  # returned by the next step()
@@ -192,7 +200,8 @@ class Engine:
   def _check_request(self, prompt_ids, sampling, max_new_tokens, stop_token_ids, name="prompt"):
     ec = self.engine_config
     return check_request(prompt_ids, sampling, max_new_tokens, stop_token_ids, vocab=self.config.vocab_size,
-                         max_model_len=ec.max_model_len, num_pages=ec.num_pages, page_size=ec.page_size, name=name)
+                         max_model_len=ec.max_model_len, num_pages=ec.num_pages, page_size=ec.page_size, name=name,
+                         pages_needed=None if self.kv_policy is None else self.kv_policy.pages_for_request)
 
   def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                   max_new_tokens: int | None = None, stop_token_ids: Sequence[int] = ()) -> int:
@@ -296,6 +305,8 @@ class Engine:
     dispatch_seconds = time.perf_counter() - dispatch_start  # device work handed over (compiles on a new shape)
     self.scheduler.release_copy_sources()
     self.scheduler.dispatched(schedule)  # as if the step had run: the next schedule follows it
+    if self.kv_policy is not None:
+      self.kv_policy.after_dispatch(schedule)  # evictions / compaction, before the next schedule
     self._prev_rows = {s.request.request_id: row + k - 1 for s, (row, k) in zip(seqs, built.sample_rows) if k}
     self.stats["steps"] += 1
     self.stats["scheduled_tokens"] += built.num_tokens

@@ -19,6 +19,18 @@ class KVPolicy:
   def slot_mapping(self, request, positions: np.ndarray) -> np.ndarray:
     raise NotImplementedError
 
+  # what the batch builder asks besides the slot mapping (defaults: the plain layout, no policy state)
+  def kv_len(self, request, end: int) -> int:
+    """Slots the request's page-table row holds once its tokens up to position `end` are written."""
+    return end
+
+  def step_arrays(self, t_pad: int, s_pad: int) -> dict:
+    """Extra AttentionMetadata arrays the policy fills per step (names of fields, NumPy arrays)."""
+    return {}
+
+  def fill_rows(self, attn, i: int, request, offset: int, positions: np.ndarray) -> None:
+    """Fills the policy's arrays for sequence i (rows offset .. offset + len(positions))."""
+
 
 class PagedLayout(KVPolicy):
   """The vLLM layout: token p of a request goes to page request.pages[p // page_size], offset p % page_size."""

@@ -26,6 +26,7 @@ class KVPool:
   k_scales: tuple | None = None  # per layer, for quantized pools (None: full precision)
   v_scales: tuple | None = None
   positions: jax.Array | None = None  # [num_pages * page_size] int32, when tracked
+  policy: object = None  # a KV policy's device state (jaxinfer/engine/kv_policies/attention.py PolicyState)
 
   @classmethod
   def create(cls, model_config, num_pages: int, page_size: int, dtype=None, track_positions: bool = False,

@@ -33,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jaxinfer.engine import kv_quant
+from jaxinfer.engine.kv_policies.attention import policy_attend, policy_finish
 from jaxinfer.engine.kv_pool import KVPool, store
 from jaxinfer.engine.sharding import per_shard, repeat_kv
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
@@ -73,6 +74,9 @@ class PagedKVCache:
   # a quantized pool (int8 / float8_e4m3fn pages): per-layer float32 scales (jaxinfer/engine/kv_quant.py)
   k_scales: tuple | None = None
   v_scales: tuple | None = None
+  # KV policy (jaxinfer/engine/kv_policies): slot positions per (layer, kv head), scores; None: no policy
+  policy: object = None
+  policy_rule: object = struct.field(pytree_node=False, default=None)
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -112,6 +116,8 @@ class PagedKVCache:
     del segment_ids, implementation
     if self.slots is None:
       raise RuntimeError("PagedKVCache.attend before begin")
+    if self.policy is not None:  # a KV policy masks by slot positions (jaxinfer/engine/kv_policies/attention.py)
+      return policy_attend(self, layer, q, k, v, positions, sliding_window)
     b, t, heads, d = q.shape
     k_new, v_new = repeat_kv(self.sharding, k[0]), repeat_kv(self.sharding, v[0])
     if self.k_scales is None:
@@ -180,6 +186,8 @@ class PagedKVCache:
 
   def finish(self, layer_kvs, num_tokens: int) -> "PagedKVCache":
     del num_tokens
+    if self.policy is not None:
+      return policy_finish(self, layer_kvs)
     scales = {}
     if self.k_scales is not None:
       scales = dict(k_scales=tuple(kv[2] for kv in layer_kvs), v_scales=tuple(kv[3] for kv in layer_kvs))

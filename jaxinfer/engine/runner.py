@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.batch import BuiltStep, StepBatch, buckets, pick_bucket
 from jaxinfer.engine.kv_pool import KVPool
@@ -34,16 +35,16 @@ def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
 
 
 def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool,
-                 decode_only: bool, sharding=None, return_probs: bool = False):
+                 decode_only: bool, sharding=None, return_probs: bool = False, policy_rule=None):
   """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
   only the flat list of parameter arrays, so no step walks the NNX state either)."""
-  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding) + (
-      ("probs",) if return_probs else ())
+  key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding,
+         policy_rule) + (("probs",) if return_probs else ())
   fn = _JITTED.get(key)
   if fn is None:
     fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
                                    attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret,
-                                   decode_only=decode_only, sharding=sharding,
+                                   decode_only=decode_only, sharding=sharding, policy_rule=policy_rule,
                                    **({"return_probs": True} if return_probs else {})),
                  donate_argnums=(1,))
     _JITTED[key] = fn
@@ -72,7 +73,7 @@ class InFlight:
 
 
 class ModelRunner:
-  def __init__(self, model, cfg, *, max_rows: int, pages_per_seq: int):
+  def __init__(self, model, cfg, *, max_rows: int, pages_per_seq: int, kv_policy=None):
     self.model_config = model.config
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
@@ -87,11 +88,19 @@ class ModelRunner:
                             self.sharding)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
+    if kv_policy is not None and self.sharding is not None:
+      raise ConfigError("engine.kv_policy: KV policies do not run on a sharded model yet (their masked attention "
+                        "path is not split over the mesh); use name='none' or one device")
+    if kv_policy is not None:  # its device state lives in the pool (jaxinfer/engine/kv_policies/attention.py)
+      self.pool = self.pool.replace(policy=kv_policy.init_state(self.pool.num_slots, cfg.max_batch_size,
+                                                                pages_per_seq * cfg.page_size))
+    policy_rule = kv_policy.rule if kv_policy is not None else None
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
     # decode-only steps (one token per sequence, no prefix groups) have programs of their own (decode kernel)
     self._steps = {flag: _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
-                                      cfg.interpret, flag, self.sharding) for flag in (False, True)}
+                                      cfg.interpret, flag, self.sharding, policy_rule=policy_rule)
+                   for flag in (False, True)}
     self.copy_buckets = buckets(1, cfg.max_batch_size)
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0

@@ -85,10 +85,11 @@ class Scheduler:
   def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch_size: int, max_step_tokens: int,
                chunked_prefill: bool = True, prefix_caching: bool = False, group_prefixes: bool = False,
                max_prefix_groups: int = 4, min_shared_prefix_pages: int = 1, proposer=None,
-               max_rows_per_seq: int = 1, max_model_len: int | None = None):
+               max_rows_per_seq: int = 1, max_model_len: int | None = None, kv_policy=None):
     if prefix_caching and not isinstance(allocator, PrefixCachingAllocator):
       raise ValueError("prefix_caching needs a PrefixCachingAllocator")
     self.allocator = allocator
+    self.kv_policy = kv_policy  # an EvictionPolicy (jaxinfer/engine/kv_policies) or None
     self.proposer = proposer  # speculative decoding: draft tokens for decodes (jaxinfer/engine/speculative.py)
     self.max_rows_per_seq = max_rows_per_seq
     self.max_model_len = max_model_len
@@ -143,7 +144,10 @@ class Scheduler:
 
   def _reserve(self, request: Request, num_tokens: int) -> bool:
     """Makes sure the request's pages cover its next num_tokens tokens; False (taking nothing) if they can't."""
-    need = self.pages_for(request.num_computed + num_tokens) - len(request.pages)
+    if self.kv_policy is not None:
+      need = self.kv_policy.pages_needed(request, num_tokens) - len(request.pages)
+    else:
+      need = self.pages_for(request.num_computed + num_tokens) - len(request.pages)
     if need <= 0:
       return True
     if not self.allocator.can_allocate(need):
@@ -155,6 +159,8 @@ class Scheduler:
     if request.pages:
       self.allocator.decref(request.pages)
     request.pages = []
+    if self.kv_policy is not None:
+      self.kv_policy.forget(request)
 
   def release_copy_sources(self) -> None:
     """Drops the pins on this step's copy-on-write sources (call once the copy has been issued)."""
@@ -197,6 +203,8 @@ class Scheduler:
     """Names in the cache the request's full pages among its first num_tokens tokens (computed by this step
     or before). Only tokens the host knows are named (not those still on the device, never draft tokens)."""
     ps, cache = self.page_size, self.allocator
+    if self.kv_policy is not None:  # pages holding evicted or moved slots are never named
+      num_tokens = min(num_tokens, self.kv_policy.register_limit(request))
     n = min(min(num_tokens, request.num_resolved) // ps, len(request.pages))
     if n <= request.num_registered_pages:
       return
@@ -321,6 +329,9 @@ class Scheduler:
       raise ValueError(f"rollback of {n} tokens: the request has {len(request.output)} generated tokens")
     if request.num_inflight:
       raise RuntimeError(f"rollback of request {request.request_id} while its tokens are still on the device")
+    if self.kv_policy is not None and n:
+      raise RuntimeError(f"rollback of request {request.request_id}: the KV policy {self.kv_policy.name!r} may "
+                         "have evicted slots the kept tokens need; rollback runs without a KV policy only")
     if n == 0:
       return []
     del request.output[-n:]

@@ -39,7 +39,7 @@ def compilation_count() -> int:
 
 def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, *, max_rows: int,
                 attention_impl=None, prefix_impl=None, interpret=False, decode_only=False, sharding=None,
-                return_probs=False):
+                return_probs=False, policy_rule=None):
   _compilations["count"] += 1  # runs at trace time only
   t, s, r, g = batch.shape
   log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s%s)", _compilations["count"],
@@ -52,7 +52,7 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
                        group_rows=a.group_rows, group_table=a.group_table, group_lens=a.group_lens,
                        seq_prefix_lens=a.seq_prefix_lens, attention_impl=attention_impl, prefix_impl=prefix_impl,
                        interpret=interpret, decode_only=decode_only, sharding=sharding, k_scales=pool.k_scales,
-                       v_scales=pool.v_scales)
+                       v_scales=pool.v_scales, policy=policy_step(pool, a, t, s), policy_rule=policy_rule)
   seq, valid = token_sequence(a.cu_q_lens, a.num_seqs, t)
   segment_ids = jnp.where(valid, seq, -1)[None]
   hidden, cache = model(tokens[None], a.positions[None], segment_ids, cache, return_hidden=True)
@@ -63,6 +63,8 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
   logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), sampled[:, None], axis=-1)[:, 0]
   pool = pool.replace(k=cache.k_pages, v=cache.v_pages, k_scales=cache.k_scales,
                       v_scales=cache.v_scales).record_positions(a.slot_mapping, a.positions)
+  if cache.policy is not None:
+    pool = pool.replace(policy=cache.policy.state)
   pad = max_rows - r
   if return_probs:  # speculative sampling: each row's whole distribution (jaxinfer/engine/speculative/probs.py)
     from jaxinfer.engine.speculative.probs import token_probs
@@ -70,6 +72,17 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
     probs = token_probs(logits, sm.temperature, sm.top_k, sm.top_p, sm.min_p)
     return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool, jnp.pad(probs, ((0, pad), (0, 0)))
   return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool
+
+
+def policy_step(pool: KVPool, a, t: int, s: int):
+  """The KV policy's inputs of this step (None without a policy); rows carry weight 0 unless the host said."""
+  if pool.policy is None:
+    return None
+  from jaxinfer.engine.kv_policies.attention import PolicyStep
+
+  weights = a.policy_weights if a.policy_weights is not None else jnp.zeros((t,), jnp.float32)
+  reset = a.policy_reset if a.policy_reset is not None else jnp.zeros((s,), bool)
+  return PolicyStep(state=pool.policy, seq_slots=a.seq_slots, weights=weights, reset=reset)
 
 
 def update_table(table, slots, cols, pages):

@@ -9,7 +9,7 @@ from jaxinfer.generation.sampling import SamplingParams
 
 
 def check_request(prompt_ids, sampling, max_new_tokens, stop_token_ids, *, vocab: int, max_model_len: int,
-                  num_pages: int, page_size: int, name: str = "prompt"):
+                  num_pages: int, page_size: int, name: str = "prompt", pages_needed=None):
   """Returns (prompt list, sampling, max_new_tokens, stop set) or raises RequestRejected."""
   try:
     ids = np.asarray(prompt_ids)
@@ -34,6 +34,8 @@ def check_request(prompt_ids, sampling, max_new_tokens, stop_token_ids, *, vocab
     raise RequestRejected(f"{name}: length {n} + max_new_tokens {max_new_tokens} = {n + max_new_tokens} exceeds "
                           f"the maximum context (max_model_len) of {max_model_len} tokens")
   pages = -(-(n + max_new_tokens) // page_size)
+  if pages_needed is not None:  # a KV policy that bounds a request's pages (StreamingLLM)
+    pages = pages_needed(n + max_new_tokens)
   if pages > num_pages:
     raise RequestRejected(f"{name}: {n} + {max_new_tokens} tokens need {pages} pages of {page_size}, but the "
                           f"pool only has num_pages={num_pages}: it could never fit")

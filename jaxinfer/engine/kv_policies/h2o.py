@@ -1,0 +1,60 @@
+"""H2O (Zhang et al., 2023): heavy hitters by accumulated attention mass plus the recent tokens, within a
+budget of `budget` slots per (layer, kv head), `window` of them the most recent.
+
+Every query row (prefill and decode) adds the attention it gives each slot to the request's score row,
+computed by the policy's attention pass inside the step (a jnp pass over the kept slots beside the output;
+the paged kernels are untouched). At the end of prefill a longer prompt is cut to the budget (top mass +
+recent, compacted into fresh pages, as SnapKV but with every prompt query's mass); then each decode step
+that takes the request over the budget evicts, per (layer, kv head), the live slot older than the window
+with the least accumulated mass (its position becomes -1 for that head: masked from then on). Holes are
+compacted away every page_size evictions, so a request holds at most ceil(budget / page_size) + 2 pages.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from jaxinfer.engine.kv_policies import device
+from jaxinfer.engine.kv_policies.attention import MaskRule
+from jaxinfer.engine.kv_policies.base import EvictionPolicy
+from jaxinfer.engine.kv_policies.registry import register
+
+
+@register("h2o")
+class H2OPolicy(EvictionPolicy):
+  rule = MaskRule(scores=True)
+
+  def __init__(self, config, model_config, engine_config):
+    super().__init__(config, model_config, engine_config)
+    self.prefill_select = functools.partial(device.h2o_select, window=config.window, keep=config.budget)
+    self.live_select = functools.partial(device.live_select, keep=config.budget)
+    self.visible: dict[int, int] = {}  # request id -> slots each (layer, head) still sees
+
+  def row_weights(self, request, positions: np.ndarray) -> np.ndarray:
+    return np.ones(positions.shape, np.float32)
+
+  def register_limit(self, request) -> int:
+    return 0  # every prompt row scores: a prefix-cache hit would skip some, so nothing is named
+
+  def forget(self, request) -> None:
+    super().forget(request)
+    self.visible.pop(request.request_id, None)
+
+  def on_step(self, request, seq) -> None:
+    rid, budget = request.request_id, self.config.budget
+    visible = self.visible.get(rid, seq.start) + seq.num_tokens
+    end = seq.start + seq.num_tokens
+    if end == self.prefill_end[rid] and visible > budget and rid not in self.evicted:
+      if self.compact_into_fresh_pages(request, budget, self.prefill_select):
+        visible = budget
+    elif end > self.prefill_end[rid] and visible > budget:
+      row = self.runner_row(request)
+      self.runner.pool = device.h2o_evict(self.runner.pool, np.int32(row), self.logical_slots(request.pages),
+                                          np.int32(self.held[rid]), np.int32(end - 1), window=self.config.window)
+      self.evicted.add(rid)
+      visible -= 1
+    self.visible[rid] = visible
+    if self.held[rid] - visible >= self.page_size:
+      self.compact_into_fresh_pages(request, visible, self.live_select)

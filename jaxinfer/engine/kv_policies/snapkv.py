@@ -1,0 +1,48 @@
+"""SnapKV (Li et al., 2024): at the end of prefill, keep per (layer, kv head) the prompt positions the last
+`window` prompt queries (the observation window) attend to most, max-pooled over `pool_kernel` neighbours,
+top budget - window of them, plus the observation window itself; compact them into fewer pages.
+
+Prefill runs with full attention; its observation rows add their attention mass (summed over the query heads
+of each kv group and over the window's queries) to the request's score row inside the step. Right after the
+step that ends the prompt, one device program selects and moves the kept slots into ceil(budget /
+page_size) fresh pages and the prompt's pages go back. Decode then runs the ordinary paged kernel over the
+compacted slots (nothing is masked any more, nothing scored), so a decode step reads budget + generated keys.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from jaxinfer.engine.kv_policies import device
+from jaxinfer.engine.kv_policies.attention import MaskRule
+from jaxinfer.engine.kv_policies.base import EvictionPolicy
+from jaxinfer.engine.kv_policies.registry import register
+
+
+@register("snapkv")
+class SnapKVPolicy(EvictionPolicy):
+  rule = MaskRule(scores=True, kernel_decode=True)
+
+  def __init__(self, config, model_config, engine_config):
+    super().__init__(config, model_config, engine_config)
+    self.select = functools.partial(device.snapkv_select, window=config.window, kernel=config.pool_kernel,
+                                    keep=config.budget)
+
+  def register_limit(self, request) -> int:
+    # a prefix-cache hit skips its cached rows: never let it skip observation rows (they score the prompt)
+    end = self.prefill_end.get(request.request_id, request.num_tokens)
+    return min(super().register_limit(request), end - self.config.window)
+
+  def row_weights(self, request, positions: np.ndarray) -> np.ndarray:
+    end = self.prefill_end[request.request_id]
+    return ((positions >= end - self.config.window) & (positions < end)).astype(np.float32)
+
+  def on_step(self, request, seq) -> None:
+    rid = request.request_id
+    if seq.start + seq.num_tokens == self.prefill_end[rid] and rid not in self.evicted:
+      if self.held[rid] > self.config.budget:
+        self.compact_into_fresh_pages(request, self.config.budget, self.select)
+      else:
+        self.evicted.add(rid)  # nothing to drop; decode appends as usual (and its pages are not named)
