@@ -27,6 +27,7 @@ import numpy as np
 
 from jaxinfer.experiments import results
 from jaxinfer.experiments.sections import check, read
+from jaxinfer.train.flops import train_flops_per_token  # counts only the active experts of MoE layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,21 +83,6 @@ def _model_fields(s: MoEExperimentConfig, moe: bool) -> dict:
     fields.update(num_experts=s.num_experts, num_experts_per_tok=s.top_k, moe_intermediate_size=s.ffn // s.top_k,
                   router_aux_loss_coef=s.router_aux_loss_coef, router_z_loss_coef=s.router_z_loss_coef)
   return fields
-
-
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  """3 x forward; forward = 2 x active matmul parameters (lm_head included, embedding lookup not) + causal
-  attention scores and values."""
-  d, hd = cfg.hidden_size, cfg.resolved_head_dim
-  attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlps = 0
-  for i in range(cfg.num_layers):
-    if cfg.is_moe_layer(i):
-      mlps += 3 * d * cfg.resolved_moe_intermediate_size * cfg.num_experts_per_tok + d * cfg.num_experts
-    else:
-      mlps += 3 * d * cfg.intermediate_size
-  matmul = cfg.num_layers * attn + mlps + d * cfg.vocab_size
-  return 3.0 * (2 * matmul + 2 * 2 * seq_len * cfg.num_heads * hd * cfg.num_layers / 2)
 
 
 def _train(config, s: MoEExperimentConfig, moe: bool, workdir: Path):

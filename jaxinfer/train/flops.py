@@ -25,11 +25,21 @@ PEAK_FLOPS = (
 CPU_GHZ, CPU_FLOPS_PER_CYCLE = 2.5, 32  # nominal: 2 FMA units x 8 fp32 lanes (AVX2/AVX-512 on 256-bit paths)
 
 
+def _mlp_matmul_params(cfg: ModelConfig, layer: int) -> int:
+  """Matmul parameters one token uses in a layer's MLP: an MoE layer counts its router, the top-k experts and
+  the shared expert (with its gate), not all experts."""
+  d = cfg.hidden_size
+  if not cfg.is_moe_layer(layer):
+    return 3 * d * cfg.intermediate_size
+  shared = 3 * d * cfg.shared_expert_intermediate_size + d if cfg.shared_expert_intermediate_size else 0
+  return d * cfg.num_experts + 3 * d * cfg.resolved_moe_intermediate_size * cfg.num_experts_per_tok + shared
+
+
 def matmul_params(cfg: ModelConfig) -> int:
   d, hd = cfg.hidden_size, cfg.resolved_head_dim
   attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-  mlp = 3 * d * cfg.intermediate_size
-  return cfg.num_layers * (attn + mlp) + d * cfg.vocab_size  # lm_head (or the tied embedding used as one)
+  mlp = sum(_mlp_matmul_params(cfg, i) for i in range(cfg.num_layers))
+  return cfg.num_layers * attn + mlp + d * cfg.vocab_size  # lm_head (or the tied embedding used as one)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

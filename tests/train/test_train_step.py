@@ -100,3 +100,14 @@ def test_flops_and_assumed_peak_are_stated():
   peak, note = peak_flops_per_device()
   assert peak > 0 and "CPU" in note and "assumption" in note
   assert peak_flops_per_device(override=1e12)[0] == 1e12
+
+
+def test_moe_flops_count_the_active_experts_only():
+  """A Qwen2-MoE layer: router + top-k experts + shared expert and its gate; a sparse-step dense layer: its MLP."""
+  moe = CFG.replace(model_type="qwen2_moe", num_experts=6, num_experts_per_tok=2, moe_intermediate_size=16,
+                    shared_expert_intermediate_size=24, decoder_sparse_step=2)
+  d, hd = 32, 8
+  attn = d * hd * (2 * 4 + 2 * 2)
+  dense_mlp, moe_mlp = 3 * d * 64, d * 6 + 2 * 3 * d * 16 + 3 * d * 24 + d
+  matmul = 2 * attn + dense_mlp + moe_mlp + d * 128  # layer 0 dense (sparse step 2), layer 1 MoE
+  assert train_flops_per_token(moe, 64) == 3 * (2 * matmul + 2 * 2 * 64 * 4 * hd * 2 / 2)
