@@ -10,12 +10,16 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# The longest single tests start first, so that the two xdist workers (`--dist worksteal`, pyproject addopts)
-# are not left with one of them at the end while the other idles; the rest keeps its collection order.
-LONG_FIRST = ("parallel/test_multihost.py", "experiments/test_moe_smoke.py", "train/test_relative_workdir.py",
-              "train/test_resume.py", "engine/test_speculative_lossless.py", "train/test_cli.py",
-              "models/test_moe_serving.py", "experiments/test_quantization_smoke.py", "train/test_save_failure.py",
-              "experiments/test_kv_compression_smoke.py", "experiments/test_speculative_smoke.py")
+# Longest files first (two xdist workers take whole files, `--dist loadfile` in pyproject addopts): the long
+# single tests and the big parametrised files start early, so the two workers finish close together (longest
+# processing time first); the rest keeps its collection order. Measured on the 2-core machine.
+LONG_FIRST = ("parallel/test_multihost.py", "parallel/test_tensor_parallel.py", "pallas_kernels/test_flash_attention.py",
+              "parallel/test_ring_attention.py", "experiments/test_moe_smoke.py", "train/test_resume.py",
+              "train/test_relative_workdir.py", "engine/test_speculative.py", "models/test_moe_hf_parity.py",
+              "models/test_moe_serving.py", "engine/test_speculative_lossless.py", "train/test_save_failure.py",
+              "train/test_cli.py", "experiments/test_quantization_smoke.py", "parallel/test_expert_parallel.py",
+              "experiments/test_kv_compression_smoke.py", "experiments/test_speculative_smoke.py",
+              "engine/test_kv_policy.py", "engine/test_kv_quantization.py", "pallas_kernels/test_paged_attention.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -25,4 +29,4 @@ def pytest_collection_modifyitems(items):
     path = item.nodeid.split("::")[0].removeprefix("tests/")
     return rank.get(path, len(LONG_FIRST))
 
-  items.sort(key=key)  # stable: same order on every worker
+  items.sort(key=key)  # stable, and whole files stay together: the same order on every worker

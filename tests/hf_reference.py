@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -67,3 +68,18 @@ def hf_greedy(model, prompt, max_new_tokens):
     out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False,
                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
   return out[0, len(prompt):].tolist()
+
+
+def rel_err(a, b) -> float:
+  """max |a - b| / max |b|: the parity tests' relative error."""
+  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
+
+
+def saved_family(name: str, tmp_path_factory):
+  """(name, the transformers model, its save_pretrained folder, jaxinfer.load_hf of that folder)."""
+  import jaxinfer
+
+  hf = make_hf_model(name)
+  path = tmp_path_factory.mktemp(name)
+  hf.save_pretrained(path)
+  return name, hf, path, jaxinfer.load_hf(path)

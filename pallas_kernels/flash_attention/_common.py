@@ -13,6 +13,7 @@ import numpy as np
 from pallas_kernels import validation as V
 from pallas_kernels.flash_attention import tiles
 from pallas_kernels.flash_attention.masks import default_positions, visible
+from pallas_kernels.shapes import cdiv, pad_axis, round_up  # noqa: F401  (re-exported for the kernels)
 
 # Segment ids given to padding tokens. Padded keys get KV_PAD_SEGMENT and padded queries Q_PAD_SEGMENT, two
 # different values, so a padded key is never visible to any query (user segment ids must not use these two
@@ -29,14 +30,6 @@ class MaskParams:
   sliding_window: int | None
   logits_soft_cap: float | None
   has_segments: bool
-
-
-def cdiv(a: int, b: int) -> int:
-  return -(-a // b)
-
-
-def round_up(a: int, b: int) -> int:
-  return cdiv(a, b) * b
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -104,15 +97,6 @@ def prepare(q, k, v, *, causal, sm_scale, q_positions, kv_positions, q_segment_i
 
 
 # ------------------------------------------------------------------------------------------------- padding
-
-
-def pad_axis(x, axis: int, length: int, value=0):
-  extra = length - x.shape[axis]
-  if extra == 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 @dataclasses.dataclass

@@ -13,19 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-
-def round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def pad_axis(a, axis: int, size: int):
-  """a zero-padded along `axis` to `size` (no copy when it already has that size)."""
-  extra = size - a.shape[axis]
-  if extra == 0:
-    return a
-  widths = [(0, 0)] * a.ndim
-  widths[axis] = (0, extra)
-  return jnp.pad(a, widths)
+from pallas_kernels.shapes import pad_axis, round_up  # noqa: F401  (used by the kernels)
 
 
 def group_bounds(group_sizes, m: int):

@@ -11,7 +11,7 @@ two logits within 1e-4 of each other, the engine's token the runner-up); any oth
 
 import numpy as np
 import pytest
-from testlib import tiny_model_config
+from testlib import assert_same_or_near_tie, tiny_model_config
 
 import jaxinfer
 from jaxinfer.engine import Engine
@@ -35,17 +35,6 @@ def _reference(model, prompt, new):
   if key not in _REFERENCE:
     _REFERENCE[key] = jaxinfer.generate(model, [prompt], new)[0]
   return _REFERENCE[key]
-
-
-def _assert_same_or_near_tie(model, prompt, got, want, what):
-  if got == want:
-    return
-  i = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
-  assert i < min(len(got), len(want)), f"{what}: {len(got)} tokens, generate gave {len(want)}"
-  logits = np.asarray(model(np.asarray([prompt + want[:i]]))[0, -1])
-  first, second = np.argsort(logits)[::-1][:2]
-  gap = float(logits[first] - logits[second])
-  assert gap < 1e-4 and got[i] == second, f"{what}: diverges from generate at token {i} (logit gap {gap:.3g})"
 
 
 def _workload(rng, n):
@@ -90,7 +79,7 @@ def test_random_workload_matches_generate(model, seed):
     steps += 1
     assert steps < 1000, "no progress"
   for i, (p, k) in enumerate(zip(prompts, news)):
-    _assert_same_or_near_tie(model, p, got.get(i, []), _reference(model, p, k),
+    assert_same_or_near_tie(model, p, got.get(i, []), _reference(model, p, k),
                              f"seed {seed}: request {i} ({len(p)} prompt tokens, {k} new)")
   assert engine.check_pages()["in_use"] == 0
   assert engine.compilations <= engine.max_programs
@@ -100,8 +89,8 @@ def test_only_near_ties_are_forgiven(model):
   rng = np.random.default_rng(7)
   prompt = rng.integers(0, CFG.vocab_size, size=9).tolist()
   want = _reference(model, prompt, 4)
-  _assert_same_or_near_tie(model, prompt, list(want), want, "same")
+  assert_same_or_near_tie(model, prompt, list(want), want, "same")
   wrong = list(want)
   wrong[2] = (wrong[2] + 1) % CFG.vocab_size  # not a near-tie: a real divergence must fail
   with pytest.raises(AssertionError, match="diverges from generate at token 2"):
-    _assert_same_or_near_tie(model, prompt, wrong, want, "wrong")
+    assert_same_or_near_tie(model, prompt, wrong, want, "wrong")

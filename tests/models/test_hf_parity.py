@@ -8,22 +8,14 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from hf_reference import FAMILIES, hf_greedy, hf_logits, make_hf_model
+from hf_reference import FAMILIES, hf_greedy, hf_logits, rel_err, saved_family
 
 REL_TOL = 1e-4
 
 
-def rel_err(a, b):
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
-
-
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def family(request, tmp_path_factory):
-  name = request.param
-  hf = make_hf_model(name)
-  path = tmp_path_factory.mktemp(name)
-  hf.save_pretrained(path)
-  return name, hf, path, jaxinfer.load_hf(path)
+  return saved_family(request.param, tmp_path_factory)
 
 
 def test_logits_match(family):
