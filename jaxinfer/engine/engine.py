@@ -98,9 +98,8 @@ class Engine:
     # draft tokens verified and accepted; host seconds spent scheduling + building + processing
     self.stats = {"steps": 0, "preemptions": 0, "scheduled_tokens": 0, "padded_tokens": 0, "generated_tokens": 0,
                   "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
-                  "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "draft_tokens": 0,
-                  "accepted_draft_tokens": 0, "host_seconds": 0.0, "spec_draft_tokens": 0,
-                  "spec_accepted_tokens": 0, "spec_verify_steps": 0}
+                  "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "host_seconds": 0.0,
+                  "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0}
     self.processor = OutputProcessor(self.scheduler, self.stats, self._finish)
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
              "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s, async scheduling %s; token "

@@ -57,11 +57,9 @@ class OutputProcessor:
       new = self._verify(s, row, k, samples, probs)
       if s.num_draft:
         r.num_computed += len(new) - 1  # accepted drafts: their k/v (computed this step) is valid
-        self.stats["draft_tokens"] += s.num_draft
-        self.stats["accepted_draft_tokens"] += len(new) - 1
-        self.stats["spec_draft_tokens"] = self.stats.get("spec_draft_tokens", 0) + s.num_draft
-        self.stats["spec_accepted_tokens"] = self.stats.get("spec_accepted_tokens", 0) + len(new) - 1
-        self.stats["spec_verify_steps"] = self.stats.get("spec_verify_steps", 0) + 1
+        self.stats["spec_draft_tokens"] += s.num_draft
+        self.stats["spec_accepted_tokens"] += len(new) - 1
+        self.stats["spec_verify_steps"] += 1
         observe = getattr(self.scheduler.proposer, "observe", None)
         if observe is not None:
           observe(r, s.num_draft, len(new) - 1)

@@ -70,7 +70,8 @@ class SimulatedEngine:
                                group_prefixes=caching, proposer=RandomDrafts(rng) if spec else None,
                                max_rows_per_seq=4 if spec else 1)
     self.layout = PagedLayout(page_size, num_pages * page_size)
-    self.stats = {"partial_prefills": 0, "generated_tokens": 0, "draft_tokens": 0, "accepted_draft_tokens": 0}
+    self.stats = {"partial_prefills": 0, "generated_tokens": 0, "spec_draft_tokens": 0, "spec_accepted_tokens": 0,
+                  "spec_verify_steps": 0}
     self.processor = OutputProcessor(self.scheduler, self.stats, self._finish)
     self.content: dict[int, tuple] = {}  # slot -> prefix tuple whose KV it holds
     self.device_tokens: dict[int, list[int]] = {}  # request id -> tokens sampled by steps not processed yet

@@ -75,7 +75,6 @@ def test_greedy_matches_generate_under_batching_caching_and_preemption(model, dr
   st = engine.stats
   assert engine.check_pages()["in_use"] == 0
   assert st["spec_verify_steps"] > 0 and 0 <= st["spec_accepted_tokens"] <= st["spec_draft_tokens"]
-  assert st["spec_draft_tokens"] == st["draft_tokens"]
   if name == "draft-same":
     assert st["spec_accepted_tokens"] == st["spec_draft_tokens"]  # the draft is the target: all agree
     assert st["steps"] < sum(news)  # several tokens per step

@@ -74,8 +74,8 @@ def test_verification_rows_give_generate_tokens_and_accept_right_drafts(model):
   answers = {tuple(p): e for p, e in zip(prompts[:3], expected[:3])}
   engine = Engine(model, proposer=Oracle(answers, rng), **SPEC)
   assert engine.run(prompts, max_new_tokens=12, progress=False) == expected
-  assert engine.stats["accepted_draft_tokens"] > 10, engine.stats
-  assert engine.stats["draft_tokens"] > engine.stats["accepted_draft_tokens"]  # junk drafts were rejected
+  assert engine.stats["spec_accepted_tokens"] > 10, engine.stats
+  assert engine.stats["spec_draft_tokens"] > engine.stats["spec_accepted_tokens"]  # junk drafts were rejected
   assert engine.stats["steps"] < 12 + 5  # several tokens per step for the oracle's requests
   assert engine.check_pages()["in_use"] == 0
 
