@@ -97,12 +97,13 @@ def _jitted(name: str, causal: bool):
   return jax.jit(attn), fwd_bwd
 
 
-def _write(path, settings, rows, *, complete: bool):
-  backend = jax.default_backend()
+def write_result(path, benchmark: str, settings, rows, *, complete: bool):
+  """The JSON record every benchmark writes (device, JAX version, commit, settings, rows), atomically: written
+  to a temporary name, then renamed. Also used by quantized_matmul.py and grouped_matmul.py."""
   result = {
-      "benchmark": "flash_attention", "complete": complete,
+      "benchmark": benchmark, "complete": complete,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "device": jax.devices()[0].device_kind, "backend": backend, "jax_version": jax.__version__,
+      "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
       "commit": _commit(), "settings": settings, "rows": rows,
   }
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -179,7 +180,7 @@ def main(argv=None) -> int:
                  f"err {row['max_err_out']:.1e}/{row['max_err_grad']:.1e} {'ok' if row['ok'] else 'MISMATCH'}"
                  if "error" not in row else f"ERROR {row['error'][:150]}"), flush=True)
 
-    _write(args.out, settings, rows, complete=False)  # what is measured so far survives a time limit
+    write_result(args.out, "flash_attention", settings, rows, complete=False)  # what is measured so far survives
 
   # Ratios against the baselines measured in this run.
   for row in rows:
@@ -207,7 +208,7 @@ def main(argv=None) -> int:
           f"{r['fwd_bwd_ms']:>10.2f} {r['fwd_bwd_tflops']:>8.3f} {r.get('fwd_bwd_speedup_vs_xla', float('nan')):>7.2f}"
           f"{cud('fwd_bwd_speedup_vs_cudnn')} | {'ok' if r['ok'] else 'MISMATCH':>8}")
 
-  _write(args.out, settings, rows, complete=True)
+  write_result(args.out, "flash_attention", settings, rows, complete=True)
   print(f"\nwrote {args.out}")
   return 0 if all(r["ok"] for r in rows) else 1
 

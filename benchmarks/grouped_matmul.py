@@ -23,7 +23,6 @@ Pallas kernels only run in interpret mode (a correctness check, not a timing).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import json
 import os
@@ -36,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.attention import _commit, _time  # noqa: E402  (git commit; median ms after warm-up)
+from benchmarks.attention import _time, write_result  # noqa: E402  (median ms after warm-up; the JSON record)
 from pallas_kernels.grouped_matmul import api  # noqa: E402
 
 TOL = 2e-2
@@ -59,18 +58,6 @@ def _parse(argv=None):
   p.add_argument("--tiles", default=None, help="extra tile settings TMxTKxTN,... timed for each Pallas "
                  "implementation beside its defaults (tile tuning), as e.g. pallas_gpu[128x64x128]")
   return p.parse_args(argv)
-
-
-def _write(path, settings, rows, *, complete: bool):
-  result = {"benchmark": "grouped_matmul", "complete": complete,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
-            "commit": _commit(), "settings": settings, "rows": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
 
 
 def group_sizes(rng, kind: str, g: int, m: int) -> np.ndarray:
@@ -155,8 +142,8 @@ def main(argv=None) -> int:
           failed = True
         rows.append(row)
         print(json.dumps({k_: v for k_, v in row.items() if k_ != "trace"}), flush=True)
-      _write(args.out, settings, rows, complete=False)
-  _write(args.out, settings, rows, complete=True)
+      write_result(args.out, "grouped_matmul", settings, rows, complete=False)
+  write_result(args.out, "grouped_matmul", settings, rows, complete=True)
   print(f"\n{'problem':>12} {'dist':>8} {'impl':>10} {'fwd ms':>8} {'fwd+bwd':>8} {'TF/s':>6} {'vs xla':>7} "
         f"{'fb vs xla':>9} {'err':>8}")
   for r in rows:

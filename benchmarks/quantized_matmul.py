@@ -20,7 +20,6 @@ GPU/TPU.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -32,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.attention import _commit, _time  # noqa: E402  (git commit; median ms after warm-up)
+from benchmarks.attention import _time, write_result  # noqa: E402  (median ms after warm-up; the JSON record)
 from pallas_kernels.quantized_matmul import api, pack_int4  # noqa: E402
 
 TOL = 2e-2
@@ -48,18 +47,6 @@ def _parse(argv=None):
   p.add_argument("--impls", default=None, help="comma-separated implementations (default: all available but reference)")
   p.add_argument("--iters", type=int, default=None, help="timed runs per measurement (default 20; 3 small)")
   return p.parse_args(argv)
-
-
-def _write(path, settings, rows, *, complete: bool):
-  result = {"benchmark": "quantized_matmul", "complete": complete,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "device": jax.devices()[0].device_kind, "backend": jax.default_backend(), "jax_version": jax.__version__,
-            "commit": _commit(), "settings": settings, "rows": rows}
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(tmp, path)
 
 
 def _weights(rng, bits, group, k, n):
@@ -114,8 +101,8 @@ def main(argv=None) -> int:
             failed = True
           rows.append(row)
           print(json.dumps({k_: v for k_, v in row.items() if k_ != "trace"}), flush=True)
-        _write(args.out, settings, rows, complete=False)
-  _write(args.out, settings, rows, complete=True)
+        write_result(args.out, "quantized_matmul", settings, rows, complete=False)
+  write_result(args.out, "quantized_matmul", settings, rows, complete=True)
   print(f"\n{'K x N':>12} {'batch':>5} {'format':>10} {'impl':>10} {'ms':>8} {'GB/s':>8} {'vs bf16':>8}")
   for r in rows:
     if "ms" in r:
