@@ -32,6 +32,8 @@ import numpy as np
 from flax import struct
 
 from jaxinfer.engine.kv_policy import KVPolicy, PagedLayout
+from jaxinfer.engine.tree_attention import ancestor_mask
+from jaxinfer.engine.tree_attention import depths as tree_depths
 from jaxinfer.engine.scheduler import Schedule, ScheduledSeq
 
 DEFAULT_MIN_TOKEN_BUCKET = 16  # steps with prefill, when EngineConfig.min_token_bucket is None
@@ -67,6 +69,14 @@ class AttentionMetadata:
   seq_prefix_lens: jax.Array | None = None  # [S] int32
   policy_weights: jax.Array | None = None  # [T] float32: weight of each row in a KV policy's scores
   policy_reset: jax.Array | None = None  # [S] bool: the sequence's policy score row starts from zero
+  # candidate trees (Medusa verification; None unless the engine verifies trees): M member rows, the rows of
+  # every sequence whose drafts form a tree (its own last token, the root, then the nodes); their attention is
+  # the cached context plus their ancestors in the step (jaxinfer/engine/tree_attention.py)
+  tree_rows: jax.Array | None = None  # [M] int32: the step row of each member (pad: T, dropped)
+  tree_seqs: jax.Array | None = None  # [M] int32: the member's sequence (its page-table row)
+  tree_ctx: jax.Array | None = None  # [M] int32: cached tokens the member sees through the pages (pad: 0)
+  tree_mask: jax.Array | None = None  # [M, M] bool: member j is member i or one of its ancestors
+  num_tree_rows: jax.Array | None = None  # scalar int32: members in use (the first ones)
 
 
 @struct.dataclass
@@ -94,11 +104,16 @@ class StepBatch:
     return self.tokens.shape[0], self.attn.kv_lens.shape[0], self.sampling.rows.shape[0], g
 
   @staticmethod
-  def empty(t_pad: int, s_pad: int, r_pad: int, g_pad: int, pages_per_seq: int, num_slots: int) -> "StepBatch":
+  def empty(t_pad: int, s_pad: int, r_pad: int, g_pad: int, pages_per_seq: int, num_slots: int,
+            tree_pad: int = 0) -> "StepBatch":
     """A batch of padding only (every padding rule of the step lives here), as NumPy arrays."""
     groups = {} if not g_pad else dict(
         group_rows=np.full((g_pad, s_pad), t_pad, np.int32), group_table=np.zeros((g_pad, pages_per_seq), np.int32),
         group_lens=np.zeros((g_pad,), np.int32), seq_prefix_lens=np.zeros((s_pad,), np.int32))
+    if tree_pad:  # padding members: row T (dropped), no context, themselves only
+      groups.update(tree_rows=np.full((tree_pad,), t_pad, np.int32), tree_seqs=np.zeros((tree_pad,), np.int32),
+                    tree_ctx=np.zeros((tree_pad,), np.int32), tree_mask=np.eye(tree_pad, dtype=bool),
+                    num_tree_rows=np.int32(0))
     attn = AttentionMetadata(positions=np.zeros((t_pad,), np.int32),
                              slot_mapping=np.full((t_pad,), num_slots, np.int32),
                              cu_q_lens=np.zeros((s_pad + 1,), np.int32), kv_lens=np.zeros((s_pad,), np.int32),
@@ -138,7 +153,8 @@ class BatchBuilder:
 
   def __init__(self, *, max_batch_size: int, max_step_tokens: int, page_size: int, pages_per_seq: int,
                num_pages: int, min_token_bucket: int | None, min_seq_bucket: int, max_rows_per_seq: int,
-               max_prefix_groups: int, shared_prefix_attention: bool, policy: KVPolicy | None = None):
+               max_prefix_groups: int, shared_prefix_attention: bool, policy: KVPolicy | None = None,
+               tree_verification: bool = False):
     self.page_size, self.pages_per_seq, self.num_pages = page_size, pages_per_seq, num_pages
     self.num_slots = num_pages * page_size
     self.max_batch_size = max_batch_size
@@ -147,6 +163,8 @@ class BatchBuilder:
     self.token_buckets = buckets(min(first, max_step_tokens), max_step_tokens)
     self.seq_buckets = buckets(min(min_seq_bucket, max_batch_size), max_batch_size)
     self.max_rows = max_batch_size * max_rows_per_seq
+    # tree verification: every step carries M = max_rows tree members (one program structure, no new shapes)
+    self.tree_pad = self.max_rows if tree_verification else 0
     # sample-row counts beyond the sequence bucket exist only when sequences may verify drafts
     self.row_buckets = (buckets(min(min_seq_bucket, self.max_rows), self.max_rows) if max_rows_per_seq > 1
                         else ())
@@ -224,14 +242,28 @@ class BatchBuilder:
       return None
     return TableUpdate(np.asarray(slots, np.int32), np.asarray(cols, np.int32), np.asarray(pages, np.int32))
 
+  def _fill_tree(self, a, first: int, seq: int, root_row: int, root_pos: int, parents, request) -> int:
+    """Tree members of one sequence: its root (the newest token, at root_row) then its nodes; returns the next
+    free member index. Members see the root's context through the pages and their own ancestors."""
+    n = 1 + len(parents)
+    if first + n > self.tree_pad:
+      raise RuntimeError(f"tree verification: {first + n} tree rows exceed the step's {self.tree_pad}")
+    sl = slice(first, first + n)
+    a.tree_rows[sl] = root_row + np.arange(n)
+    a.tree_seqs[sl] = seq
+    a.tree_ctx[sl] = self.policy.kv_len(request, root_pos)
+    a.tree_mask[sl, sl] = ancestor_mask([-1] + [p + 1 for p in parents])  # the root is member 0
+    return first + n
+
   # ------------------------------------------------------------------ the batch
   def build(self, schedule: Schedule, prev_rows: dict[int, int]) -> BuiltStep:
     """prev_rows: request id -> row of the previous (still running) step's sampled vector holding the
     request's newest token, for requests whose newest token the host does not know yet."""
     seqs = schedule.seqs
     shape = t_pad, s_pad, r_pad, g_pad = self.step_shape(schedule)
-    b = StepBatch.empty(t_pad, s_pad, r_pad, g_pad, self.pages_per_seq, self.num_slots)
+    b = StepBatch.empty(t_pad, s_pad, r_pad, g_pad, self.pages_per_seq, self.num_slots, self.tree_pad)
     a, sm = b.attn, b.sampling
+    members = 0
     table_update = self._sync_table(seqs)
     a = a.replace(**self.policy.step_arrays(t_pad, s_pad))
     offset, row = 0, 0
@@ -247,11 +279,18 @@ class BatchBuilder:
         b.prev_index[offset + pos - s.start] = prev_rows[r.request_id]
       if s.num_draft:
         b.tokens[offset + n - s.num_draft:offset + n] = s.draft_tokens
-      positions = np.arange(s.start, s.start + n, dtype=np.int32)
+      linear = np.arange(s.start, s.start + n, dtype=np.int32)  # the slots: one per row, in order
+      positions = linear
+      if s.draft_parents is not None:  # a candidate tree: a node sits one place after its parent
+        positions = linear.copy()
+        positions[n - s.num_draft:] = s.start + n - s.num_draft + tree_depths(s.draft_parents)
+        if s.is_tree:
+          members = self._fill_tree(a, members, i, offset + n - s.num_draft - 1, int(positions[n - s.num_draft - 1]),
+                                    s.draft_parents, r)
       a.positions[offset:offset + n] = positions
-      a.slot_mapping[offset:offset + n] = self.policy.slot_mapping(r, positions)
+      a.slot_mapping[offset:offset + n] = self.policy.slot_mapping(r, linear)
       a.kv_lens[i] = self.policy.kv_len(r, s.start + n)
-      self.policy.fill_rows(a, i, r, offset, positions)
+      self.policy.fill_rows(a, i, r, offset, linear)
       a.seq_slots[i] = self.slot(r)
       offset += n
       a.cu_q_lens[i + 1] = offset
@@ -274,6 +313,8 @@ class BatchBuilder:
       a.group_lens[g] = prefix
       a.group_rows[g, :group.num_seqs] = a.cu_q_lens[members]
       a.seq_prefix_lens[members] = prefix
+    if self.tree_pad:
+      a = a.replace(num_tree_rows=np.int32(members))
     b = b.replace(attn=a.replace(num_seqs=np.int32(len(seqs))))
     decode_only = self.decode_buckets and offset == len(seqs) and not schedule.groups
     return BuiltStep(b, seqs, sample_rows, table_update, offset, shape, decode_only)

@@ -56,6 +56,8 @@ class Engine:
     self.engine_config = EngineConfig.from_kwargs(config, **overrides).resolve(cfg)
     ec = self.engine_config
     self.probs_for = None  # seq -> bool: steps holding such a sequence also return row distributions
+    self.row_head = None  # step.RowHead run on every step's sampled rows (Medusa heads)
+    self.tree_verification = False  # drafts may form candidate trees (tree attention in every step)
     if ec.speculative is not None:  # a speculative method from the config (jaxinfer/engine/speculative/)
       from jaxinfer.engine.speculative.setup import configure
 
@@ -69,9 +71,10 @@ class Engine:
                                 page_size=ec.page_size, pages_per_seq=self.pages_per_seq, num_pages=ec.num_pages,
                                 min_token_bucket=ec.min_token_bucket, min_seq_bucket=ec.min_seq_bucket,
                                 max_rows_per_seq=ec.max_rows_per_seq, max_prefix_groups=ec.max_prefix_groups,
-                                shared_prefix_attention=ec.enable_shared_prefix_attention, policy=self.kv_policy)
+                                shared_prefix_attention=ec.enable_shared_prefix_attention, policy=self.kv_policy,
+                                tree_verification=self.tree_verification)
     self.runner = ModelRunner(model, ec, max_rows=self.builder.max_rows, pages_per_seq=self.pages_per_seq,
-                              kv_policy=self.kv_policy)
+                              kv_policy=self.kv_policy, row_head=self.row_head, tree_pad=self.builder.tree_pad)
     self.allocator = (PrefixCachingAllocator(ec.num_pages) if ec.enable_prefix_caching
                       else PageAllocator(ec.num_pages))
     self.scheduler = Scheduler(self.allocator, page_size=ec.page_size, max_batch_size=ec.max_batch_size,
@@ -100,7 +103,7 @@ class Engine:
                   "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
                   "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "host_seconds": 0.0,
                   "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0}
-    self.processor = OutputProcessor(self.scheduler, self.stats, self._finish)
+    self.processor = OutputProcessor(self.scheduler, self.stats, self._finish, self.builder.policy.slot_mapping)
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
              "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s, async scheduling %s; token "
              "buckets %s (decode-only steps: %s), sequence buckets %s", ec.num_pages, ec.page_size, cfg.num_layers,
@@ -318,7 +321,10 @@ class Engine:
   def _process(self, inflight) -> list[RequestOutput]:
     tokens, logprobs = inflight.fetch()
     start = time.perf_counter()
-    outputs = self.processor.process(inflight.built, tokens, logprobs, inflight.fetch_probs())
+    outputs = self.processor.process(inflight.built, tokens, logprobs, inflight.fetch_probs(), inflight.fetch_head())
+    moves = self.processor.take_moves()
+    if moves:  # accepted tree paths: their k/v to their positions, before any later step reads them
+      self.runner.move_slots(moves)
     self.stats["host_seconds"] += time.perf_counter() - start
     return outputs
 

@@ -90,6 +90,21 @@ class KVPool:
     scales = {} if self.k_scales is None else dict(k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
     return self.replace(k=cp(self.k), v=cp(self.v), positions=positions, **scales)
 
+  def move_slots(self, src, dst) -> "KVPool":
+    """Slot dst[i] of every layer takes slot src[i]'s k/v (gathered first, so moves may overlap; out-of-pool dst
+    entries are dropped). Full-precision pools only: a quantized pool's per-channel key scales belong to a page."""
+    if self.k_scales is not None:
+      raise NotImplementedError("moving slots of a quantized KV pool")
+
+    def mv(pages):
+      flat = pages.reshape((pages.shape[0] * pages.shape[1],) + pages.shape[2:])
+      return flat.at[dst].set(flat[jnp.clip(src, 0, flat.shape[0] - 1)], mode="drop").reshape(pages.shape)
+
+    positions = self.positions
+    if positions is not None:
+      positions = positions.at[dst].set(positions[jnp.clip(src, 0, positions.shape[0] - 1)], mode="drop")
+    return self.replace(k=tuple(mv(p) for p in self.k), v=tuple(mv(p) for p in self.v), positions=positions)
+
 
 def store(k_pages, v_pages, slots, k, v):
   """Writes new k/v [T, kv_heads, d] at flat slots [T] (out-of-pool slots dropped) of one layer's pages."""

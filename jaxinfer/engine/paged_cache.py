@@ -36,6 +36,7 @@ from jaxinfer.engine import kv_quant
 from jaxinfer.engine.kv_policies.attention import policy_attend, policy_finish
 from jaxinfer.engine.kv_pool import KVPool, store
 from jaxinfer.engine.sharding import per_shard, repeat_kv
+from jaxinfer.engine.tree_attention import tree_rows_attention
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
 
@@ -77,6 +78,12 @@ class PagedKVCache:
   # KV policy (jaxinfer/engine/kv_policies): slot positions per (layer, kv head), scores; None: no policy
   policy: object = None
   policy_rule: object = struct.field(pytree_node=False, default=None)
+  # candidate trees (AttentionMetadata.tree_*): members' rows are recomputed with tree attention (None: none)
+  tree_rows: jax.Array | None = None
+  tree_seqs: jax.Array | None = None
+  tree_ctx: jax.Array | None = None
+  tree_mask: jax.Array | None = None
+  num_tree_rows: jax.Array | None = None
 
   @staticmethod
   def create_pools(cfg, num_pages: int, page_size: int, dtype=None) -> tuple[tuple, tuple]:
@@ -157,10 +164,25 @@ class PagedKVCache:
           q, kp, vp, self.page_table, self.kv_lens, sliding_window=sliding_window,
           implementation=self.attention_impl, interpret=self.interpret, **quant)
     if self.group_table is None:
-      return pallas_kernels.ragged_paged_attention(
+      out = pallas_kernels.ragged_paged_attention(
           q, kp, vp, self.page_table, self.kv_lens, self.cu_q_lens, self.num_seqs, sliding_window=sliding_window,
           implementation=self.attention_impl, interpret=self.interpret, **quant)
-    return self._shared_prefix_attend(q, kp, vp, positions, sliding_window)
+    else:
+      out = self._shared_prefix_attend(q, kp, vp, positions, sliding_window)
+    return out if self.tree_rows is None else self._tree_attend(out, q, kp, vp)
+
+  def _tree_attend(self, out, q, kp, vp):
+    """The rows of candidate trees, again: each member sees its sequence's cached context and its ancestors
+    only (the causal pass above let it see its siblings too); their k/v were written this step at the slots
+    the host mapped them to, so they are read back from the pages."""
+    t = q.shape[0]
+    rows = jnp.clip(self.tree_rows, 0, t - 1)
+    flat = (kp.shape[0] * kp.shape[1],) + kp.shape[2:]
+    own = jnp.clip(self.slots[rows], 0, flat[0] - 1)
+    tree_out = tree_rows_attention(q[rows], kp.reshape(flat)[own], vp.reshape(flat)[own], self.tree_mask, kp, vp,
+                                   self.page_table[self.tree_seqs], self.tree_ctx, self.num_tree_rows,
+                                   implementation=self.attention_impl, interpret=self.interpret)
+    return out.at[self.tree_rows].set(tree_out.astype(out.dtype), mode="drop")
 
   def _shared_prefix_attend(self, q, kp, vp, positions, sliding_window):
     """q [T, heads, d] -> [T, heads, d]: prefix part once per group + each sequence's suffix, lse-merged."""

@@ -35,17 +35,17 @@ def _step_from_leaves(graphdef, state_def, state_leaves, *args, **kwargs):
 
 
 def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl, interpret: bool,
-                 decode_only: bool, sharding=None, return_probs: bool = False, policy_rule=None):
+                 decode_only: bool, sharding=None, return_probs: bool = False, policy_rule=None, row_head=None):
   """The jitted step for one graph, closing over it (and over the state's tree structure: each call passes
   only the flat list of parameter arrays, so no step walks the NNX state either)."""
   key = (graphdef, state_def, max_rows, attention_impl, prefix_impl, interpret, decode_only, sharding,
-         policy_rule) + (("probs",) if return_probs else ())
+         policy_rule, row_head) + (("probs",) if return_probs else ())
   fn = _JITTED.get(key)
   if fn is None:
     fn = jax.jit(functools.partial(_step_from_leaves, graphdef, state_def, max_rows=max_rows,
                                    attention_impl=attention_impl, prefix_impl=prefix_impl, interpret=interpret,
                                    decode_only=decode_only, sharding=sharding, policy_rule=policy_rule,
-                                   **({"return_probs": True} if return_probs else {})),
+                                   row_head=row_head, **({"return_probs": True} if return_probs else {})),
                  donate_argnums=(1,))
     _JITTED[key] = fn
   return fn
@@ -53,6 +53,7 @@ def _jitted_step(graphdef, state_def, max_rows: int, attention_impl, prefix_impl
 
 _update_table = jax.jit(step_lib.update_table)
 _copy_pages = jax.jit(step_lib.copy_pages, donate_argnums=(0,))
+_move_slots = jax.jit(step_lib.move_slots, donate_argnums=(0,))
 
 
 @dataclasses.dataclass
@@ -63,9 +64,13 @@ class InFlight:
   logprobs: jax.Array
   want_logprobs: bool
   probs: jax.Array | None = None  # [max_rows, vocab] when the step was asked for distributions (speculative)
+  head: jax.Array | None = None  # [max_rows, ...] the row head's output (ModelRunner.row_head), if any
 
   def fetch_probs(self) -> np.ndarray | None:
     return None if self.probs is None else to_host(self.probs)
+
+  def fetch_head(self) -> np.ndarray | None:
+    return None if self.head is None else to_host(self.head)
 
   def fetch(self) -> tuple[np.ndarray, np.ndarray | None]:
     """Blocks until the step is done; (sampled tokens, log-probs or None if nobody asked)."""
@@ -73,7 +78,8 @@ class InFlight:
 
 
 class ModelRunner:
-  def __init__(self, model, cfg, *, max_rows: int, pages_per_seq: int, kv_policy=None):
+  def __init__(self, model, cfg, *, max_rows: int, pages_per_seq: int, kv_policy=None, row_head=None,
+               tree_pad: int = 0):
     self.model_config = model.config
     self.cfg = cfg
     self.graphdef, self.state = nnx.split(model)
@@ -98,10 +104,14 @@ class ModelRunner:
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
     # decode-only steps (one token per sequence, no prefix groups) have programs of their own (decode kernel)
+    self.row_head = row_head  # step.RowHead: a module on the sampled rows' hidden states (Medusa heads)
+    self._head_args = () if row_head is None else (row_head.leaves,)
     self._steps = {flag: _jitted_step(self.graphdef, state_def, max_rows, cfg.attention_impl, cfg.shared_prefix_impl,
-                                      cfg.interpret, flag, self.sharding, policy_rule=policy_rule)
+                                      cfg.interpret, flag, self.sharding, policy_rule=policy_rule, row_head=row_head)
                    for flag in (False, True)}
     self.copy_buckets = buckets(1, cfg.max_batch_size)
+    self.move_buckets = buckets(4, max(4, max_rows))
+    self.tree_pad = tree_pad  # tree members per step (BatchBuilder.tree_pad): empty steps carry them too
     self.update_buckets = buckets(min(16, cfg.max_batch_size * pages_per_seq), cfg.max_batch_size * pages_per_seq)
     self.compile_seconds = 0.0
     self._shapes_seen: set = set()
@@ -130,9 +140,10 @@ class ModelRunner:
   # ------------------------------------------------------------------ steps
   def run_empty(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
     """Compiles (and runs) the program of one step shape on a batch of padding: nothing is written."""
-    batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots)
+    batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots, self.tree_pad)
     step = self._steps[decode_only]
-    sampled, _, self.pool = step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch)
+    sampled, _, self.pool, _ = step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch,
+                                    *self._head_args)
     sampled.block_until_ready()
 
   def maybe_compile_apart(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
@@ -149,29 +160,29 @@ class ModelRunner:
     if copies:
       self.copy_pages(copies)
     self.apply_table_update(built.table_update)
-    if want_probs:
-      return self._dispatch_probs(built, want_logprobs)
-    step = self._steps[built.decode_only]
-    sampled, logprobs, self.pool = step(self.state_leaves, self.pool, self.table, self.prev_sampled, built.batch)
+    step = self._prob_step(built.decode_only) if want_probs else self._steps[built.decode_only]
+    sampled, logprobs, self.pool, extras = step(self.state_leaves, self.pool, self.table, self.prev_sampled,
+                                                built.batch, *self._head_args)
     self.prev_sampled = sampled
-    sampled.copy_to_host_async()
-    if want_logprobs:
-      logprobs.copy_to_host_async()
-    return InFlight(built, sampled, logprobs, want_logprobs)
+    for array in (sampled, *extras.values()) + ((logprobs,) if want_logprobs else ()):
+      array.copy_to_host_async()
+    return InFlight(built, sampled, logprobs, want_logprobs, extras.get("probs"), extras.get("head"))
 
-  def _dispatch_probs(self, built: BuiltStep, want_logprobs: bool) -> InFlight:
+  def _prob_step(self, decode_only: bool):
     """The step program that also returns every sampled row's distribution (speculative sampling)."""
-    step = self._prob_steps.get(built.decode_only)
+    step = self._prob_steps.get(decode_only)
     if step is None:
       cfg = self.cfg
-      step = self._prob_steps[built.decode_only] = _jitted_step(
+      step = self._prob_steps[decode_only] = _jitted_step(
           self.graphdef, self._state_def, self.max_rows, cfg.attention_impl, cfg.shared_prefix_impl, cfg.interpret,
-          built.decode_only, self.sharding, return_probs=True)
-    sampled, logprobs, self.pool, probs = step(self.state_leaves, self.pool, self.table, self.prev_sampled,
-                                               built.batch)
-    self.prev_sampled = sampled
-    sampled.copy_to_host_async()
-    probs.copy_to_host_async()
-    if want_logprobs:
-      logprobs.copy_to_host_async()
-    return InFlight(built, sampled, logprobs, want_logprobs, probs)
+          decode_only, self.sharding, return_probs=True, row_head=self.row_head)
+    return step
+
+  def move_slots(self, moves: list[tuple[int, int]]) -> None:
+    """Slot dst takes slot src's k/v in every layer, all read before any is written (the accepted path of a
+    candidate tree moving to its positions); one small jitted program per bucket of moves."""
+    n = pick_bucket(len(moves), self.move_buckets)
+    src = np.zeros((n,), np.int32)
+    dst = np.full((n,), self.pool.num_slots, np.int32)  # padding: out of the pool, dropped
+    src[:len(moves)], dst[:len(moves)] = zip(*moves)
+    self.pool = _move_slots(self.pool, src, dst)

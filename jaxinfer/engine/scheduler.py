@@ -45,10 +45,18 @@ class ScheduledSeq:
   num_tokens: int  # tokens run through the model for it this step (draft tokens included)
   start: int  # position of the first of them
   draft_tokens: list[int] = dataclasses.field(default_factory=list)  # proposed tokens to verify, after its own
+  # a candidate tree (Medusa): parent of each draft among the drafts, -1 = the sequence's own last token;
+  # None: the drafts are a chain (each follows the one before)
+  draft_parents: list[int] | None = None
 
   @property
   def num_draft(self) -> int:
     return len(self.draft_tokens)
+
+  @property
+  def is_tree(self) -> bool:
+    """Its drafts branch (a candidate tree), so they cannot be verified as one causal chain."""
+    return self.draft_parents is not None and any(p != i - 1 for i, p in enumerate(self.draft_parents))
 
   @property
   def samples(self) -> bool:
@@ -361,16 +369,20 @@ class Scheduler:
       request.pages = request.pages[:keep]
       self.allocator.decref(released)
 
-  def _drafts(self, request: Request, budget: int) -> list[int]:
-    """Draft tokens to verify beside a decode (none without a proposer)."""
+  def _drafts(self, request: Request, budget: int) -> tuple[list[int], list[int] | None]:
+    """Draft tokens to verify beside a decode (none without a proposer), and their tree parents (None: a
+    chain). A tree is clipped like a chain: its first `room` nodes (breadth first) are still a tree."""
     if self.proposer is None or self.max_rows_per_seq <= 1 or request.num_inflight:
-      return []
+      return [], None
     room = min(self.max_rows_per_seq - 1, budget - 1, request.max_new_tokens - len(request.output) - 1)
     if self.max_model_len is not None:
       room = min(room, self.max_model_len - request.num_tokens - 1)
     if room <= 0:
-      return []
-    return list(self.proposer.propose(request, room))[:room]
+      return [], None
+    drafts = list(self.proposer.propose(request, room))[:room]
+    tree = getattr(self.proposer, "draft_parents", None)
+    parents = tree(request) if tree is not None and drafts else None
+    return drafts, None if parents is None else list(parents)[:len(drafts)]
 
   def _prepare_drafts(self, decoding: list[Request]) -> None:
     """A batched proposer (a draft model) drafts for every decode of this schedule at once, before it."""
@@ -431,9 +443,9 @@ class Scheduler:
       n = min(request.num_pending, budget) if self.chunked_prefill else request.num_pending
       if n > budget:
         continue
-      drafts = self._drafts(request, budget) if request.num_pending == 1 else []
+      drafts, parents = self._drafts(request, budget) if request.num_pending == 1 else ([], None)
       if drafts and not self._reserve(request, n + len(drafts)):
-        drafts = []  # drafts never cost anyone else their pages
+        drafts, parents = [], None  # drafts never cost anyone else their pages
       n += len(drafts)
       while not self._reserve(request, n):
         victim = next(r for r in reversed(self.running) if r.request_id not in scheduled)
@@ -442,7 +454,7 @@ class Scheduler:
         if victim is request:
           break
       if request.status is Status.RUNNING:
-        seqs.append(ScheduledSeq(request, n, request.num_computed, drafts))
+        seqs.append(ScheduledSeq(request, n, request.num_computed, drafts, parents if drafts else None))
         scheduled.add(request.request_id)
         budget -= n
         if self.prefix_caching:

@@ -37,9 +37,9 @@ def compilation_count() -> int:
   return _compilations["count"]
 
 
-def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, *, max_rows: int,
-                attention_impl=None, prefix_impl=None, interpret=False, decode_only=False, sharding=None,
-                return_probs=False, policy_rule=None):
+def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepBatch, head_leaves=None, *,
+                max_rows: int, attention_impl=None, prefix_impl=None, interpret=False, decode_only=False,
+                sharding=None, return_probs=False, policy_rule=None, row_head=None):
   _compilations["count"] += 1  # runs at trace time only
   t, s, r, g = batch.shape
   log.info("engine: compiling step program #%d (tokens=%d, seqs=%d, sampled rows=%d%s%s)", _compilations["count"],
@@ -52,7 +52,9 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
                        group_rows=a.group_rows, group_table=a.group_table, group_lens=a.group_lens,
                        seq_prefix_lens=a.seq_prefix_lens, attention_impl=attention_impl, prefix_impl=prefix_impl,
                        interpret=interpret, decode_only=decode_only, sharding=sharding, k_scales=pool.k_scales,
-                       v_scales=pool.v_scales, policy=policy_step(pool, a, t, s), policy_rule=policy_rule)
+                       v_scales=pool.v_scales, policy=policy_step(pool, a, t, s), policy_rule=policy_rule,
+                       tree_rows=a.tree_rows, tree_seqs=a.tree_seqs, tree_ctx=a.tree_ctx, tree_mask=a.tree_mask,
+                       num_tree_rows=a.num_tree_rows)
   seq, valid = token_sequence(a.cu_q_lens, a.num_seqs, t)
   segment_ids = jnp.where(valid, seq, -1)[None]
   hidden, cache = model(tokens[None], a.positions[None], segment_ids, cache, return_hidden=True)
@@ -66,12 +68,41 @@ def engine_step(graphdef, state, pool: KVPool, table, prev_sampled, batch: StepB
   if cache.policy is not None:
     pool = pool.replace(policy=cache.policy.state)
   pad = max_rows - r
+  extras = {}  # optional per-row outputs, padded to max_rows like the samples
   if return_probs:  # speculative sampling: each row's whole distribution (jaxinfer/engine/speculative/probs.py)
     from jaxinfer.engine.speculative.probs import token_probs
 
     probs = token_probs(logits, sm.temperature, sm.top_k, sm.top_p, sm.min_p)
-    return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool, jnp.pad(probs, ((0, pad), (0, 0)))
-  return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool
+    extras["probs"] = jnp.pad(probs, ((0, pad), (0, 0)))
+  if row_head is not None:  # e.g. Medusa heads on the sampled rows' hidden states (RowHead below)
+    out = row_head.apply(head_leaves, hidden[0, sm.rows])
+    extras["head"] = jnp.pad(out, ((0, pad),) + ((0, 0),) * (out.ndim - 1))
+  return jnp.pad(sampled, (0, pad)), jnp.pad(logprobs, (0, pad)), pool, extras
+
+
+class RowHead:
+  """A module applied to the hidden states of a step's sampled rows, its output returned with the samples
+  (Medusa's heads: the top-k guesses for the next tokens). Static (hashable by its graph and key) in the step;
+  the module's parameters are passed to every step as `head_leaves`."""
+
+  def __init__(self, module, output, key):
+    self.graphdef, state = nnx.split(module)
+    self.leaves, self.state_def = jax.tree.flatten(state)
+    self.output = output  # (module, hidden [R, D]) -> array [R, ...]
+    self.key = key  # what `output` computes: equal keys (and module graphs) share compiled programs
+
+  def _identity(self):
+    return (self.graphdef, self.state_def, self.key)
+
+  def __hash__(self):
+    return hash(self._identity())
+
+  def __eq__(self, other):
+    return isinstance(other, RowHead) and self._identity() == other._identity()
+
+  def apply(self, leaves, hidden):
+    module = nnx.merge(self.graphdef, jax.tree.unflatten(self.state_def, leaves))
+    return self.output(module, hidden)
 
 
 def policy_step(pool: KVPool, a, t: int, s: int):
@@ -89,6 +120,12 @@ def update_table(table, slots, cols, pages):
   """table[slots[i], cols[i]] = pages[i]; padding entries carry an out-of-range slot (dropped)."""
   _compilations["table"] = _compilations.get("table", 0) + 1
   return table.at[slots, cols].set(pages, mode="drop")
+
+
+def move_slots(pool: KVPool, src, dst) -> KVPool:
+  """Slot dst[i] of every layer takes slot src[i]'s k/v (out-of-pool dst: dropped)."""
+  _compilations["move"] = _compilations.get("move", 0) + 1
+  return pool.move_slots(src, dst)
 
 
 def copy_pages(pool: KVPool, src, dst) -> KVPool:

@@ -7,7 +7,9 @@ partials over disjoint keys, merged exactly by log-sum-exp (pallas_kernels/lse.p
 paged-attention kernel is used unchanged:
   context   every tree row as a one-token "sequence" over its sequence's pages, kv_len = context_len
             (a single query at the last position sees every cached key): ragged_paged_attention, return_lse;
-  tree      a small dense attention among the step's N tree rows, masked by the ancestor matrix.
+  tree      a small dense attention among the step's tree rows, masked by the ancestor matrix.
+`tree_rows_attention` is the engine's flat form (members of many sequences, a block-diagonal mask; used by
+PagedKVCache for every sequence whose drafts branch); `tree_attention` the per-sequence [S, N] form.
 `tree_attention_reference` is the plain dense version (context gathered from the pages, one mask) it is
 tested against (tests/engine/test_tree_attention.py).
 """
@@ -42,16 +44,34 @@ def depths(parents) -> np.ndarray:
 
 
 def _dense_tree_part(q, k, v, mask, scale):
-  """q [S, N, H, D], k/v [S, N, KV, D], mask bool [S, N, N] -> (out [S, N, H, D] f32, lse [S, N, H] f32)."""
-  s_, n, h, d = q.shape
-  g = h // k.shape[2]
-  qf = q.astype(jnp.float32).reshape(s_, n, k.shape[2], g, d)
-  scores = jnp.einsum("snkgd,smkd->skgnm", qf, k.astype(jnp.float32)) * scale
-  scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+  """q [M, H, D], k/v [M, KV, D], mask bool [M, M] -> (out [M, H, D] f32, lse [M, H] f32)."""
+  m, h, d = q.shape
+  kvh = k.shape[1]
+  qf = q.astype(jnp.float32).reshape(m, kvh, h // kvh, d)
+  scores = jnp.einsum("nkgd,mkd->kgnm", qf, k.astype(jnp.float32)) * scale
+  scores = jnp.where(mask[None, None], scores, -jnp.inf)
   lse = jax.nn.logsumexp(scores, axis=-1)  # every row sees itself: finite
   p = jnp.exp(scores - lse[..., None])
-  out = jnp.einsum("skgnm,smkd->snkgd", p, v.astype(jnp.float32)).reshape(s_, n, h, d)
-  return out, jnp.transpose(lse, (0, 3, 1, 2)).reshape(s_, n, h)
+  out = jnp.einsum("kgnm,mkd->nkgd", p, v.astype(jnp.float32)).reshape(m, h, d)
+  return out, jnp.transpose(lse, (2, 0, 1)).reshape(m, h)
+
+
+def tree_rows_attention(q, k_rows, v_rows, mask, k_pages, v_pages, page_table, context_lens, num_rows, *,
+                        sm_scale=None, implementation=None, interpret=False, k_scales=None, v_scales=None):
+  """The engine's form: M tree members of any sequences, flat. q [M, H, D]; k_rows, v_rows [M, KV, D] their
+  own keys/values; mask bool [M, M] (block-diagonal over sequences, each block an ancestor_mask); member i
+  reads context_lens[i] cached tokens through page_table [M, pages_per_seq] (its sequence's row). Only the
+  first num_rows members are real (the rest are padding, their output is garbage). Returns [M, H, D] f32."""
+  m, h, d = q.shape
+  scale = sm_scale if sm_scale is not None else 1.0 / float(np.sqrt(d))
+  quant = {} if k_scales is None else dict(k_scales=k_scales, v_scales=v_scales)
+  out_c, lse_c = pallas_kernels.ragged_paged_attention(
+      q, k_pages, v_pages, page_table, context_lens.astype(jnp.int32), jnp.arange(m + 1, dtype=jnp.int32),
+      jnp.asarray(num_rows, jnp.int32), sm_scale=scale, return_lse=True, implementation=implementation,
+      interpret=interpret, **quant)
+  out_t, lse_t = _dense_tree_part(q, k_rows, v_rows, mask, scale)
+  out, _ = merge_pair(out_c, lse_c, out_t, lse_t)
+  return out
 
 
 def tree_attention(q, k_tree, v_tree, mask, k_pages, v_pages, page_table, context_lens, *, sm_scale=None,
@@ -60,15 +80,14 @@ def tree_attention(q, k_tree, v_tree, mask, k_pages, v_pages, page_table, contex
   mask bool [S, N, N] (ancestor_mask per sequence); k_pages, v_pages [P, page, KV, D] holding each sequence's
   context_lens[s] committed tokens through page_table [S, pages_per_seq]. Returns [S, N, H, D] in q's dtype."""
   s_, n, h, d = q.shape
-  scale = sm_scale if sm_scale is not None else 1.0 / float(np.sqrt(d))
   rows = s_ * n
-  out_c, lse_c = pallas_kernels.ragged_paged_attention(
-      q.reshape(rows, h, d), k_pages, v_pages, jnp.repeat(page_table, n, axis=0),
-      jnp.repeat(context_lens.astype(jnp.int32), n), jnp.arange(rows + 1, dtype=jnp.int32), jnp.int32(rows),
-      sm_scale=scale, return_lse=True, implementation=implementation, interpret=interpret)
-  out_t, lse_t = _dense_tree_part(q, k_tree, v_tree, mask, scale)
-  out, _ = merge_pair(out_c.reshape(s_, n, h, d), lse_c.reshape(s_, n, h), out_t, lse_t)
-  return out.astype(q.dtype)
+  block = jnp.eye(s_, dtype=bool)[:, None, :, None] & jnp.asarray(mask)[:, :, None, :]  # [S, N, S, N]
+  out = tree_rows_attention(
+      q.reshape(rows, h, d), k_tree.reshape(rows, *k_tree.shape[2:]), v_tree.reshape(rows, *v_tree.shape[2:]),
+      block.reshape(rows, rows), k_pages, v_pages, jnp.repeat(page_table, n, axis=0),
+      jnp.repeat(jnp.asarray(context_lens, jnp.int32), n), rows, sm_scale=sm_scale,
+      implementation=implementation, interpret=interpret)
+  return out.reshape(s_, n, h, d).astype(q.dtype)
 
 
 def tree_attention_reference(q, k_tree, v_tree, mask, k_pages, v_pages, page_table, context_lens, *, sm_scale=None):

@@ -108,8 +108,6 @@ def test_bad_speculative_config(model):
   spec = jaxinfer.SpeculativeConfig
   with pytest.raises(ConfigError, match=r"^engine\.speculative\.method: 'eagle' is not one of"):
     spec(method="eagle")
-  with pytest.raises(ConfigError, match=r"^engine\.speculative\.method: 'medusa' is not available"):
-    spec(method="medusa")
   with pytest.raises(ConfigError, match=r"^engine\.speculative\.num_speculative_tokens: must be a positive"):
     spec(num_speculative_tokens=0)
   with pytest.raises(ConfigError, match=r"^engine\.speculative\.draft_model: method 'draft' needs a draft"):

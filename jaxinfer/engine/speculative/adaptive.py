@@ -17,6 +17,12 @@ class AdaptiveLength(Proposer):
     self.inner, self.k_max, self.k_min = inner, k_max, k_min
     self.k: dict[int, int] = {}  # request id -> its current k
 
+  def __getattr__(self, name):
+    # the inner proposer's other optional hooks (draft_parents, observe_head, ...) as they are
+    if name == "inner":
+      raise AttributeError(name)
+    return getattr(self.inner, name)
+
   def current(self, request) -> int:
     return self.k.get(request.request_id, self.k_max)
 

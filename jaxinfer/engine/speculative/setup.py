@@ -22,7 +22,33 @@ def _draft(spec, engine, model, ec):
   return DraftProposer(draft, ec)
 
 
-BUILDERS = {"ngram": _ngram, "draft": _draft}
+def _medusa(spec, engine, model, ec):
+  from jaxinfer.engine.speculative.medusa import MedusaProposer, load_heads
+  from jaxinfer.engine.step import RowHead
+
+  f = "engine.speculative."
+  if getattr(model.config, "sliding_window", None):
+    raise ConfigError(f"{f}method: 'medusa' does not run on a sliding-window model (tree attention reads the "
+                      f"whole context)")
+  if ec.kv_cache_dtype is not None and str(ec.kv_cache_dtype) in ("int8", "float8_e4m3fn"):
+    raise ConfigError(f"{f}method: 'medusa' needs a full-precision KV cache (the accepted path's k/v moves "
+                      f"between slots; a quantized page's key scales cannot follow), got "
+                      f"kv_cache_dtype={ec.kv_cache_dtype!r}")
+  heads = load_heads(spec.medusa_heads, model.config)
+  k = spec.num_speculative_tokens
+  proposer = MedusaProposer(spec.tree or (1,) * k, k, typical=(spec.typical_threshold, spec.typical_alpha)
+                            if spec.acceptance == "typical" else None)
+  if proposer.depth > heads.num_heads:
+    raise ConfigError(f"{f}tree: depth {proposer.depth} needs {proposer.depth} Medusa heads, "
+                      f"{spec.medusa_heads!r} has {heads.num_heads}")
+  engine.row_head = RowHead(heads, proposer.row_output, ("medusa", proposer.depth, proposer.top_k))
+  engine.tree_verification = True
+  if spec.acceptance == "typical":
+    engine.probs_for = lambda s: s.num_draft > 0 and s.request.sampling.temperature > 0
+  return proposer
+
+
+BUILDERS = {"ngram": _ngram, "draft": _draft, "medusa": _medusa}
 
 
 def configure(engine, model, ec, proposer):
