@@ -5,6 +5,8 @@ random models). For each batch size (1 and 8 by default) the same prompts are se
   plain        jaxinfer.Engine without speculation (the baseline, same run)
   ngram k      prompt lookup with k = num_speculative_tokens, for each k of `ks`
   draft k      the draft model (4-8x cheaper, trained on the same tokens), for each k
+  medusa tree  Medusa-1 heads trained on the target (`jaxinfer train --config experiments/medusa.py`), for
+               each candidate tree of `trees` (k = its nodes: chains of 1..4 heads' top guess, and trees)
   * adaptive   each method with per-sequence adaptive k (up to max(ks)) when `adaptive`
 and each row reports the acceptance rate (accepted / drafted), mean tokens per verification (what a verifying
 sequence gains in one target forward: accepted + 1), target forwards per generated token (engine steps per
@@ -12,7 +14,7 @@ token of one sequence) and tokens/s as a ratio to plain decoding at the same bat
 compile, then once timed; interleaved over `rounds`, the best kept).
 
 Claims set beside (wall-clock speedups on GPUs, 7B+ targets): Medusa 2.2-3.6x, draft-model speculative sampling
-2-2.5x (Leviathan et al.; Chen et al.), BASS 2.15x at batch 8. Medusa is not built in this branch.
+2-2.5x (Leviathan et al.; Chen et al.), BASS 2.15x at batch 8.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import numpy as np
 
 from jaxinfer.config.schema import path_field
+from jaxinfer.engine.speculative.tree import tree_paths
 from jaxinfer.experiments import results
 from jaxinfer.experiments.sections import check, read
 
@@ -35,8 +38,10 @@ class SpeculativeRunConfig:
   SECTION = "speculative"
   target: str = path_field("results/quickstart/hf")  # HF dir (quickstart recipe); "": random `model` (smoke)
   draft: str = path_field("results/speculative_draft/hf")  # HF dir, same tokenizer; "": random 1-layer model
-  methods: tuple = ("ngram", "draft")
-  ks: tuple = (1, 3)  # num_speculative_tokens swept
+  methods: tuple = ("ngram", "draft", "medusa")
+  ks: tuple = (1, 3)  # num_speculative_tokens swept (ngram, draft)
+  medusa_heads: str = path_field("results/quickstart/hf")  # the heads' directory; "": untrained heads (smoke)
+  trees: tuple = ((1,), (1, 1), (1, 1, 1), (3, 2))  # medusa: candidate trees swept (k = their nodes)
   adaptive: bool = True  # also each method with adaptive k up to max(ks)
   batches: tuple = (1, 8)
   prompt_tokens: int = 96
@@ -45,8 +50,9 @@ class SpeculativeRunConfig:
   rounds: int = 2
 
   def __post_init__(self):
-    check(type(self), "methods", bool(self.methods) and set(self.methods) <= {"ngram", "draft"},
-          f"must be a non-empty subset of ('ngram', 'draft'), got {self.methods}")
+    check(type(self), "methods", bool(self.methods) and set(self.methods) <= {"ngram", "draft", "medusa"},
+          f"must be a non-empty subset of ('ngram', 'draft', 'medusa'), got {self.methods}")
+    check(type(self), "trees", "medusa" not in self.methods or bool(self.trees), "medusa needs at least one tree")
     for name in ("ks", "batches"):
       value = getattr(self, name)
       check(type(self), name, bool(value) and all(isinstance(x, int) and x >= 1 for x in value),
@@ -55,7 +61,8 @@ class SpeculativeRunConfig:
       check(type(self), name, getattr(self, name) >= 1, f"must be >= 1, got {getattr(self, name)}")
 
 
-SMOKE = dict(target="", draft="", ks=(2,), batches=(2,), prompt_tokens=12, max_new_tokens=6, adaptive=False)
+SMOKE = dict(target="", draft="", medusa_heads="", trees=((2,),), ks=(2,), batches=(2,), prompt_tokens=12,
+             max_new_tokens=6, adaptive=False)
 SMOKE_MODEL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                    num_kv_heads=2, max_position_embeddings=128, initializer_range=0.2)
 
@@ -64,7 +71,8 @@ SMOKE_MODEL = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_la
 
 
 def _models(s: SpeculativeRunConfig, model_cfg, seed: int):
-  """(target, draft, prompt token lists source) from the HF dirs, or random models for the smoke run."""
+  """(target, draft, Medusa heads or None, prompt token lists source) from the HF dirs, or random models for
+  the smoke run."""
   import jaxinfer
 
   if s.target:
@@ -72,10 +80,27 @@ def _models(s: SpeculativeRunConfig, model_cfg, seed: int):
     check(type(s), "draft", bool(s.draft), "a trained target needs a trained draft (an HF directory)")
     draft = jaxinfer.load_hf(s.draft, dtype="float32")
     tokenizer = jaxinfer.load_tokenizer(s.target)
-    return target, draft, tokenizer
-  target = jaxinfer.init_model(model_cfg, seed=seed)
-  small = dataclasses.replace(model_cfg, num_layers=1)
-  return target, jaxinfer.init_model(small, seed=seed + 1), None
+  else:
+    target = jaxinfer.init_model(model_cfg, seed=seed)
+    draft = jaxinfer.init_model(dataclasses.replace(model_cfg, num_layers=1), seed=seed + 1)
+    tokenizer = None
+  return target, draft, _heads(s, target, seed), tokenizer
+
+
+def _heads(s: SpeculativeRunConfig, target, seed: int):
+  """The trained heads, or (smoke, medusa_heads="") untrained ones: copies of the lm_head."""
+  if "medusa" not in s.methods:
+    return None
+  from flax import nnx
+
+  from jaxinfer.models.medusa import MedusaConfig, MedusaHeads, load_medusa_heads
+
+  if s.medusa_heads:
+    return load_medusa_heads(s.medusa_heads, target.config)
+  depth = max(len(tree_paths(t)[-1]) for t in s.trees)
+  heads = MedusaHeads(MedusaConfig.for_model(target.config, num_heads=depth), rngs=nnx.Rngs(seed))
+  heads.init_from_base(target)
+  return heads
 
 
 def _prompts(s: SpeculativeRunConfig, tokenizer, vocab: int, n: int, seed: int) -> list[list[int]]:
@@ -127,10 +152,16 @@ def _measure(target, prompts, s, batch, spec, max_rows, max_len, warm: bool):
   return dict(engine.stats, draft_steps=draft_steps), seconds, outs
 
 
-def _cases(s: SpeculativeRunConfig, draft):
+def _cases(s: SpeculativeRunConfig, draft, heads):
   import jaxinfer
 
   for method in s.methods:
+    if method == "medusa":
+      for tree in s.trees:
+        k = len(tree_paths(tree))
+        yield f"medusa {_tree_name(tree)}", k, False, jaxinfer.SpeculativeConfig(
+            method="medusa", num_speculative_tokens=k, medusa_heads=heads, tree=tuple(tree))
+      continue
     extra = dict(draft_model=draft) if method == "draft" else {}
     for k in s.ks:
       yield f"{method}", k, False, jaxinfer.SpeculativeConfig(method=method, num_speculative_tokens=k, **extra)
@@ -139,15 +170,26 @@ def _cases(s: SpeculativeRunConfig, draft):
           method=method, num_speculative_tokens=max(s.ks), adaptive=True, **extra)
 
 
-def measure(s: SpeculativeRunConfig, target, draft, tokenizer, seed: int) -> list[dict]:
+def _is_chain(method: str) -> bool:
+  """ngram / draft rows, and Medusa trees with one guess per head ("medusa 1x1x1")."""
+  parts = method.split()
+  return parts[0] != "medusa" or set(parts[1].split("x")) == {"1"}
+
+
+def _tree_name(tree) -> str:
+  return "x".join(str(t) for t in tree) if all(isinstance(t, int) for t in tree) else f"{len(tree)} paths"
+
+
+def measure(s: SpeculativeRunConfig, target, draft, heads, tokenizer, seed: int) -> list[dict]:
   rows = []
-  max_rows = max(s.ks) + 1
+  nodes = [len(tree_paths(t)) for t in s.trees] if "medusa" in s.methods else []
+  max_rows = max(list(s.ks) + nodes) + 1
   max_len = s.prompt_tokens + s.max_new_tokens + max_rows
   for batch in s.batches:
     prompts = _prompts(s, tokenizer, target.config.vocab_size, batch, seed + batch)
     best: dict = {}
     for round_ in range(s.rounds):  # rounds interleave the cases; the fastest run of each is kept
-      cases = [("plain", 0, False, None)] + list(_cases(s, draft))
+      cases = [("plain", 0, False, None)] + list(_cases(s, draft, heads))
       for method, k, adaptive, spec in cases:
         stats, seconds, outs = _measure(target, prompts, s, batch, spec, max_rows, max_len, warm=round_ == 0)
         key = (method, k, adaptive)
@@ -187,12 +229,17 @@ def report(out, rows, s: SpeculativeRunConfig, desc: str, device: str) -> None:
   fig, ax = plt.subplots(figsize=(6, 4))
   for batch in s.batches:
     for method in s.methods:
-      pts = sorted((r["k"], r["tokens_per_verify"]) for r in rows if r["batch"] == batch and r["method"] == method)
-      if pts:
-        ax.plot(*zip(*pts), "o-", label=f"{method}, batch {batch}")
+      mine = [r for r in rows if r["batch"] == batch and r["method"].split()[0] == method
+              and not r["method"].endswith("adaptive")]
+      line = sorted((r["k"], r["tokens_per_verify"]) for r in mine if _is_chain(r["method"]))
+      if line:
+        ax.plot(*zip(*line), "o-", label=f"{method}{' chains' if method == 'medusa' else ''}, batch {batch}")
+      for r in mine:
+        if not _is_chain(r["method"]):
+          ax.plot([r["k"]], [r["tokens_per_verify"]], "*", ms=10, label=f"{r['method']}, batch {batch}")
   ax.axhspan(2.2, 3.6, alpha=0.15, color="C2", label="Medusa claim 2.2-3.6x (speedup)")
   ax.axhspan(2.0, 2.5, alpha=0.15, color="C3", label="draft claim 2-2.5x (speedup)")
-  ax.set(xlabel="k = num_speculative_tokens", ylabel="tokens per verification step",
+  ax.set(xlabel="k = drafts verified per step (medusa: tree nodes)", ylabel="tokens per verification step",
          title=f"speculative decoding, {device}")
   ax.legend(fontsize=7)
   out.figure(fig, "tokens_per_step.png")
@@ -206,13 +253,15 @@ def run(config) -> list[dict]:
   s = read(config, SpeculativeRunConfig, SMOKE)
   m = read(config, ModelConfig, SMOKE_MODEL)
   logging.getLogger("jaxinfer.engine").setLevel(logging.WARNING)
-  target, draft, tokenizer = _models(s, m, config.seed)
+  target, draft, heads, tokenizer = _models(s, m, config.seed)
   tc, dc = target.config, draft.config
   desc = (f"target {tc.num_layers} layers x {tc.hidden_size} ({'trained: ' + s.target if s.target else 'random'}), "
           f"draft {dc.num_layers} layers x {dc.hidden_size} ({'trained: ' + s.draft if s.draft else 'random'}), "
           f"vocab {tc.vocab_size}")
+  if heads is not None:
+    desc += f", {heads.num_heads} Medusa heads ({'trained: ' + s.medusa_heads if s.medusa_heads else 'untrained'})"
   with results.open_run(config) as out:
-    rows = measure(s, target, draft, tokenizer, config.seed)
+    rows = measure(s, target, draft, heads, tokenizer, config.seed)
     for row in rows:
       out.log("speculative", **row)
     report(out, rows, s, desc, out.env["device_kind"])
