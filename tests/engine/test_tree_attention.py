@@ -7,7 +7,8 @@ import pytest
 from testlib import assert_close, randn, random_page_table
 
 from pallas_kernels.paged_attention.api import available_implementations
-from jaxinfer.engine.tree_attention import ancestor_mask, depths, tree_attention, tree_attention_reference
+from jaxinfer.engine.tree_attention import (ancestor_mask, depths, tree_attention, tree_attention_reference,
+                                            tree_rows_attention)
 
 S, N, H, KV, D, PAGE, PAGES_PER_SEQ = 3, 6, 4, 2, 32, 8, 4
 PARENTS = [[-1, -1, -1, 0, 0, 1], [-1, 0, 1, 2, 2, -1], [-1, -1, 0, 1, 2, 3]]  # top-3 x top-2-like, chain, mixed
@@ -34,6 +35,22 @@ def test_tree_attention_matches_dense_reference(impl):
   got = tree_attention(q, kt, vt, mask, kp, vp, table, context, implementation=impl,
                        interpret=impl.startswith("pallas"))
   assert_close(got, want, 2e-5, f"tree attention ({impl})")
+
+
+def test_flat_members_with_padding_match_the_reference():
+  # the engine's form: the members of sequences 0 and 2 back to back, then padding members (num_rows < M)
+  q, kt, vt, mask, kp, vp, table, context = _inputs()
+  want = tree_attention_reference(q, kt, vt, mask, kp, vp, table, context)
+  seqs, m = [0, 2], 2 * N + 3
+  pad = lambda x, fill=0: np.concatenate([np.asarray(x), np.full((3,) + np.shape(x)[1:], fill, np.asarray(x).dtype)])  # noqa: E731
+  block = np.eye(m, dtype=bool)
+  for i in range(2):
+    block[i * N:(i + 1) * N, i * N:(i + 1) * N] = mask[seqs[i]]
+  got = tree_rows_attention(pad(np.concatenate([q[s] for s in seqs])), pad(np.concatenate([kt[s] for s in seqs])),
+                            pad(np.concatenate([vt[s] for s in seqs])), block, kp, vp,
+                            pad(np.repeat(table[seqs], N, axis=0)), pad(np.repeat(context[seqs], N)), 2 * N,
+                            implementation="xla")
+  assert_close(got[:2 * N].reshape(2, N, H, D), want[np.asarray(seqs)], 2e-5, "flat tree members")
 
 
 def test_tree_mask_is_not_causal():
