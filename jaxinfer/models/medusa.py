@@ -75,14 +75,16 @@ class MedusaHeads(nnx.Module):
                        f"{tuple(self.out_kernel.shape[1:])} (hidden_size, vocab_size)")
     self.out_kernel[...] = jnp.broadcast_to(w.astype(self.out_kernel.dtype), self.out_kernel.shape)
 
-  def __call__(self, hidden):
-    """hidden [..., D] (the base model's final hidden states) -> float32 logits [..., K, vocab]."""
+  def __call__(self, hidden, num_heads: int | None = None):
+    """hidden [..., D] (the base model's final hidden states) -> float32 logits [..., K, vocab]; num_heads:
+    only the first heads (a shallower candidate tree needs no more)."""
+    k = self.num_heads if num_heads is None else num_heads
     dt = jnp.dtype(self.config.dtype)
-    x = jnp.broadcast_to(hidden.astype(dt)[..., None, :], (*hidden.shape[:-1], self.num_heads, hidden.shape[-1]))
-    w, b = self.res_kernel[...].astype(dt), self.res_bias[...].astype(dt)
+    x = jnp.broadcast_to(hidden.astype(dt)[..., None, :], (*hidden.shape[:-1], k, hidden.shape[-1]))
+    w, b = self.res_kernel[:k].astype(dt), self.res_bias[:k].astype(dt)
     for j in range(self.config.num_layers):
       x = x + jax.nn.silu(jnp.einsum("...kd,kde->...ke", x, w[:, j]) + b[:, j])
-    return jnp.einsum("...kd,kdv->...kv", x, self.out_kernel[...].astype(dt)).astype(jnp.float32)
+    return jnp.einsum("...kd,kdv->...kv", x, self.out_kernel[:k].astype(dt)).astype(jnp.float32)
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -59,7 +59,7 @@ class MedusaProposer(Proposer):
 
   def row_output(self, heads, hidden):
     """In the step: the heads' top_k guesses at every sampled row, [R, depth, top_k] int32."""
-    return jax.lax.top_k(heads(hidden)[:, :self.depth], self.top_k)[1].astype(np.int32)
+    return jax.lax.top_k(heads(hidden, self.depth), self.top_k)[1].astype(np.int32)
 
   def observe_head(self, request, guesses) -> None:
     """The guesses made at the row that sampled the request's newest token."""
