@@ -24,11 +24,13 @@ def unigram_accuracy(dataset, vocab_size: int) -> dict[str, float]:
   return {"top1": float(np.mean(held_out == top[0])), "top3": float(np.mean(np.isin(held_out, top)))}
 
 
-def plot_head_accuracy(records, path, num_heads: int, unigram: dict, title: str):
+def plot_head_accuracy(records, path, num_heads: int, unigram: dict, untrained: dict, title: str):
+  """Held-out top-1 accuracy per head against the step (step 0: the untrained heads, lm_head copies)."""
   plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 4.2))
   for k in range(num_heads):
-    points = [(r["step"], r[f"eval_top1_head{k}"]) for r in records if f"eval_top1_head{k}" in r]
+    start = [(0, untrained[f"eval_top1_head{k}"])] if f"eval_top1_head{k}" in untrained else []
+    points = start + [(r["step"], r[f"eval_top1_head{k}"]) for r in records if f"eval_top1_head{k}" in r]
     if points:
       ax.plot(*zip(*points), "o-", ms=3, label=f"head {k} (token t+{k + 2})")
   base = [(r["step"], r["eval_top1_base"]) for r in records if "eval_top1_base" in r]
@@ -38,7 +40,7 @@ def plot_head_accuracy(records, path, num_heads: int, unigram: dict, title: str)
     ax.axhline(unigram["top1"], color="grey", ls=":", lw=1, label=f"unigram {unigram['top1']:.3f}")
   ax.set(xlabel="step", ylabel="held-out top-1 accuracy", title=title, ylim=(0, None))
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="center right")
   return save_figure(fig, path, dpi=110)
 
 
@@ -49,7 +51,7 @@ def write_medusa_report(task, end, records, untrained: dict, unigram: dict):
   last = evals[-1] if evals else {}
   title = f"{config.name}: {m.num_heads} Medusa heads on {cfg.model_type} {cfg.num_layers}x{cfg.hidden_size}"
   plot_losses(records, workdir / "loss_curve.png", None, title=title + " (sum_k lambda_k L_k)")
-  plot_head_accuracy(records, workdir / "head_accuracy.png", m.num_heads, unigram, title)
+  plot_head_accuracy(records, workdir / "head_accuracy.png", m.num_heads, unigram, untrained, title)
 
   heads = []
   for k in range(m.num_heads):
