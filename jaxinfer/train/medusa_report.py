@@ -27,7 +27,7 @@ def unigram_accuracy(dataset, vocab_size: int) -> dict[str, float]:
 def plot_head_accuracy(records, path, num_heads: int, unigram: dict, untrained: dict, title: str):
   """Held-out top-1 accuracy per head against the step (step 0: the untrained heads, lm_head copies)."""
   plt = pyplot()
-  fig, ax = plt.subplots(figsize=(7, 4.2))
+  fig, ax = plt.subplots(figsize=(8.6, 4.2))
   for k in range(num_heads):
     start = [(0, untrained[f"eval_top1_head{k}"])] if f"eval_top1_head{k}" in untrained else []
     points = start + [(r["step"], r[f"eval_top1_head{k}"]) for r in records if f"eval_top1_head{k}" in r]
@@ -40,7 +40,7 @@ def plot_head_accuracy(records, path, num_heads: int, unigram: dict, untrained: 
     ax.axhline(unigram["top1"], color="grey", ls=":", lw=1, label=f"unigram {unigram['top1']:.3f}")
   ax.set(xlabel="step", ylabel="held-out top-1 accuracy", title=title, ylim=(0, None))
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=8, loc="center right")
+  ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves fill the axes
   return save_figure(fig, path, dpi=110)
 
 
