@@ -7,6 +7,10 @@ An experiment's get_config() returns a ConfigDict with:
   mesh                         jaxinfer.config.mesh_section(...)    (parallel.mesh.MeshConfig): -1 = the rest
   sharding_rules               ((logical, mesh axes), ...) pairs, or a preset name of parallel.sharding.RULE_PRESETS
   train                        jaxinfer.config.train_section(...)   (TrainConfig below)
+
+train.objective picks what is trained (OBJECTIVES below): "lm", the language model of the `model` section,
+or "medusa", Medusa-1 heads on a frozen base (jaxinfer/train/medusa.py), whose `medusa` section replaces
+`model` (the base's own config.json gives the model).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from jaxinfer.models.config import ModelConfig
 LAYOUT_NAMES = ("contiguous", "striped", "zigzag")
 TOP_LEVEL = ("name", "seed", "workdir", "model", "data", "mesh", "sharding_rules", "train")
 OPTIONAL_TOP_LEVEL = ("driver", "generate")
+# train.objective -> "module:Class" of its task (the trainer's one seam; see jaxinfer.train.trainer.LMTask)
+OBJECTIVES = {"lm": "jaxinfer.train.trainer:LMTask", "medusa": "jaxinfer.train.medusa:MedusaTask"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +62,7 @@ class TrainConfig:
   sample_tokens: int = 48
   sample_temperature: float = 0.7
   sample_top_k: int = 40
+  objective: str = "lm"  # what is trained: a key of OBJECTIVES (lm | medusa)
 
   def __post_init__(self):
     for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints"):
@@ -75,36 +82,57 @@ class TrainConfig:
             f"{self.sequence_layout!r} is not one of {', '.join(LAYOUT_NAMES)}")
     from jaxinfer.train.remat import POLICIES
     require(self.remat in POLICIES, "train.remat", f"{self.remat!r} is not one of {', '.join(POLICIES)}")
+    require(self.objective in OBJECTIVES, "train.objective",
+            f"{self.objective!r} is not one of {', '.join(OBJECTIVES)}")
+
+
+def objective_task(name: str):
+  """The task class of train.objective `name` (imported on demand: the table names modules, not objects)."""
+  import importlib
+
+  module, cls = OBJECTIVES[name].split(":")
+  return getattr(importlib.import_module(module), cls)
 
 
 def training_config(name: str, workdir: str, model, train, data=None, mesh=None, sharding_rules=None,
-                    seed: int = 0) -> config_dict.ConfigDict:
-  """A complete `jaxinfer train` config from its sections (defaults where None)."""
+                    seed: int = 0, **sections) -> config_dict.ConfigDict:
+  """A complete `jaxinfer train` config from its sections (defaults where None). model=None leaves the model
+  section out (an objective that takes its model elsewhere, e.g. medusa=medusa_section(...) among `sections`:
+  the objective's own top-level sections)."""
   from jaxinfer.config import data_section, mesh_section
 
   config = config_dict.ConfigDict()
   config.name = name
   config.seed = seed
   config.workdir = workdir
-  config.model = model
+  if model is not None:
+    config.model = model
   config.data = data if data is not None else data_section()
   config.mesh = mesh if mesh is not None else mesh_section()
   # a preset name (overridable as --config.sharding_rules=fsdp) or a tuple of (logical, mesh axes) pairs
   config.sharding_rules = "default" if sharding_rules is None else (
       sharding_rules if isinstance(sharding_rules, str) else tuple(tuple(r) for r in sharding_rules))
   config.train = train
+  for key, section in sections.items():
+    setattr(config, key, section)
   return config
 
 
 def validate_sections(config) -> tuple[ModelConfig, TrainConfig]:
   """Field-level checks that need no devices; returns (ModelConfig, TrainConfig). Raises ConfigError naming the
   field."""
-  missing = [k for k in TOP_LEVEL if k not in config]
+  objective = _objective_name(config)
+  task = objective_task(objective)
+  # an objective may bring its model in a section of its own, in place of `model`
+  top_level = tuple(s for k in TOP_LEVEL for s in (task.SECTIONS if k == "model" else (k,)))
+  missing = [k for k in top_level if k not in config]
   require(not missing, missing[0] if missing else "", "missing from the config (a `jaxinfer train` config needs "
-          f"{', '.join(TOP_LEVEL)}; see jaxinfer.train.config.training_config)")
-  unknown = sorted(set(config.keys()) - set(TOP_LEVEL) - set(OPTIONAL_TOP_LEVEL))
-  require(not unknown, unknown[0] if unknown else "", f"unknown top-level field; known: {', '.join(TOP_LEVEL)}")
-  cfg = from_section(ModelConfig, config.model, "model")
+          f"{', '.join(top_level)}; see jaxinfer.train.config.training_config)")
+  unknown = sorted(set(config.keys()) - set(top_level) - set(OPTIONAL_TOP_LEVEL))
+  require(not unknown, unknown[0] if unknown else "", f"unknown top-level field; known: {', '.join(top_level)}"
+          + (f" (train.objective={objective!r} takes the model from its {task.SECTIONS[0]!r} section)"
+             if "model" not in top_level and "model" in unknown else ""))
+  cfg = task.model_config(config)
   t = from_section(TrainConfig, config.train, "train")
   from_section(DataConfig, config.data, "data")
   require(cfg.param_dtype == "float32", "model.param_dtype",
@@ -115,3 +143,11 @@ def validate_sections(config) -> tuple[ModelConfig, TrainConfig]:
   require(os.path.isabs(config.workdir), "workdir", f"must be absolute by now, got {config.workdir!r} (configs "
           "are resolved by jaxinfer.config.resolve_config_paths when loaded)")
   return cfg, t
+
+
+def _objective_name(config) -> str:
+  """train.objective as written (before the train section is validated), so the required sections are known."""
+  train = config.get("train") if hasattr(config, "get") else None
+  name = train.get("objective", "lm") if hasattr(train, "get") else "lm"
+  require(name in OBJECTIVES, "train.objective", f"{name!r} is not one of {', '.join(OBJECTIVES)}")
+  return name

@@ -83,12 +83,17 @@ def loss_and_grads(graphdef, params, batch, sp_mesh: Mesh | None = None, with_st
 
 def train_step(graphdef, tx: optax.GradientTransformation, state, batch, sp_mesh: Mesh | None = None):
   loss, grads, tokens, moe_stats = loss_and_grads(graphdef, state["params"], batch, sp_mesh, with_stats=True)
+  return optimizer_step(tx, state, loss, grads, tokens, moe_stats)
+
+
+def optimizer_step(tx: optax.GradientTransformation, state, loss, grads, tokens, stats):
+  """The TrainState after one optimizer update with `grads`, and the step's metrics (any objective's step)."""
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
   new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": rng}
-  return new_state, {"loss": loss, "grad_norm": grad_norm, "loss_tokens": tokens, **moe_stats}
+  return new_state, {"loss": loss, "grad_norm": grad_norm, "loss_tokens": tokens, **stats}
 
 
 def eval_step(graphdef, params, batch, sp_mesh: Mesh | None = None):

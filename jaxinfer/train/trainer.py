@@ -2,6 +2,11 @@
 
 Order matters for the error rules: every config check (fields, mesh, sharding rules, divisibility) and the
 compatibility check against an existing checkpoint in the workdir run before anything is written or compiled.
+
+What is trained is the task of train.objective (jaxinfer.train.config.OBJECTIVES): it gives the trainable
+module, its compiled steps, the held-out evaluation and what is written at the end. The loop, checkpoints,
+resume, metrics and progress bar are the same for every objective. LMTask below is the default: the
+language model of the `model` section.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxinfer.data.dataset import prepare_dataset
 from jaxinfer.data.packing import BatchIterator, eval_batches
-from jaxinfer.config import ConfigError, resolve_config_paths
+from jaxinfer.config import ConfigError, from_section, resolve_config_paths
 from jaxinfer.models.config import ModelConfig
 from jaxinfer.models.transformer import Transformer
 from jaxinfer.checkpoint.atomic import write_atomic, write_text_atomic
 from jaxinfer.train.checkpoint import Checkpointer, check_compatible, param_shapes, peek_latest
-from jaxinfer.train.config import validate_sections
+from jaxinfer.train.config import objective_task, validate_sections
 from jaxinfer.train.loss import moe_record
 from jaxinfer.train.flops import peak_flops_per_device, train_flops_per_token
 from jaxinfer.train.optim import make_optimizer
@@ -54,6 +59,90 @@ class TrainResult:
   eval_loss: float | None
   stats: dict
   samples: list[tuple[str, str]]
+
+
+@dataclasses.dataclass
+class RunEnd:
+  """What the end of a run hands its task: the trained module (host arrays) and what its report quotes."""
+  config: object
+  cfg: ModelConfig
+  mesh: Mesh
+  workdir: Path
+  dataset: object  # jaxinfer.data.dataset.Dataset
+  trained: nnx.Module
+  finished: bool  # the schedule's last step is done (not stopped early by train.stop_after)
+  leader: bool
+  compile_s: float
+  train_s: float
+  peak_note: str
+  flops_per_token: float
+  num_params: int
+  param_shardings: object
+  evaluate: object  # params -> the task's eval record; None when nothing was compiled (nothing to train)
+
+
+class LMTask:
+  """train.objective "lm": next-token cross entropy of the Transformer of the `model` section; exports it to
+  workdir/hf and prints sampled continuations."""
+
+  SECTIONS = ("model",)  # the top-level config sections this objective reads beside the shared ones
+
+  @staticmethod
+  def model_config(config) -> ModelConfig:
+    return from_section(ModelConfig, config.model, "model")
+
+  def __init__(self, config, t):
+    self.config, self.t = config, t
+
+  def module(self, cfg: ModelConfig, seed: int):
+    """The trainable module (called under nnx.eval_shape and inside the sharded initialiser)."""
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+  def step_module(self, module):
+    return apply_remat(module, self.t.remat)
+
+  def meta(self) -> dict:
+    return {}  # the checkpoint meta beside model, param_shapes and config
+
+  def check_resume(self, workdir, step: int, meta: dict) -> None:
+    pass  # the model and parameter shapes are compared by check_compatible
+
+  def compile(self, graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh, rules):
+    return compile_steps(graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh, rules)
+
+  def flops_per_token(self, cfg: ModelConfig, seq_len: int) -> float:
+    return train_flops_per_token(cfg, seq_len)
+
+  def step_record(self, metrics) -> dict:
+    return moe_record(metrics)  # MoE models: router losses, dropped assignments, per-layer expert load
+
+  def evaluate(self, eval_fn, params, batches) -> dict:
+    nll, count = 0.0, 0.0
+    for b in batches:
+      n, c = jax.device_get(eval_fn(params, b))
+      nll, count = nll + float(n), count + float(c)
+    eval_loss = nll / max(count, 1.0)
+    return {"eval_loss": eval_loss, "eval_perplexity": math.exp(min(eval_loss, 50.0))}
+
+  def finish(self, end: RunEnd) -> list[tuple[str, str]]:
+    """Export, samples and report; returns the samples."""
+    config, t, ds, workdir, trained = self.config, self.t, end.dataset, end.workdir, end.trained
+    samples: list[tuple[str, str]] = []
+    if end.leader and t.export_hf and end.finished:
+      from jaxinfer.checkpoint.hf import save_hf
+      save_hf(trained, workdir / "hf")
+      write_atomic(workdir / "hf" / "tokenizer.json", lambda tmp: shutil.copyfile(ds.tokenizer_file, tmp))
+      log.info("exported Hugging Face checkpoint to %s", workdir / "hf")
+    if t.sample_prompts and t.sample_tokens and jax.process_count() == 1 and end.finished:
+      samples = sample_continuations(trained, ds.tokenizer, tuple(t.sample_prompts), t.sample_tokens,
+                                     t.sample_temperature, t.sample_top_k, config.seed, ds.eos_id)
+      for prompt, text in samples:
+        print(f"=== sample: {prompt!r}\n{prompt}{text}\n", flush=True)
+    if end.leader:
+      records = read_metrics(workdir / "metrics.jsonl")
+      _write_report(config, end.cfg, end.mesh, workdir, records, ds.stats, samples, end.compile_s, end.train_s,
+                    end.peak_note, end.flops_per_token, end.num_params)
+    return samples
 
 
 @contextlib.contextmanager
@@ -132,6 +221,7 @@ def train(config) -> TrainResult:
   config = config.copy_and_resolve_references()  # the caller's config is left as it was
   resolve_config_paths(config)  # a no-op when the CLI already did it; the Orbax writer needs absolute paths
   cfg, t = validate_sections(config)
+  task = objective_task(t.objective)(config, t)  # its own checks too, before anything is written
   leader = jax.process_index() == 0
   workdir = Path(config.workdir)
   with _config_errors():
@@ -139,11 +229,12 @@ def train(config) -> TrainResult:
     rules = normalize_rules(config.sharding_rules)
   check_parallel_config(cfg, mesh, rules, t)
   with _config_errors():
-    abstract_params = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))[1]
+    abstract_params = nnx.split(nnx.eval_shape(lambda: task.module(cfg, 0)))[1]
     state_shardings(abstract_params, rules, mesh)  # divisibility of every parameter, before any write
   shapes = param_shapes(abstract_params)
   latest = peek_latest(workdir)
   if latest is not None:
+    task.check_resume(workdir, latest[0], latest[1])
     check_compatible(workdir, latest[0], latest[1], cfg, shapes)
 
   # ------------------------------------------------------------------ data (first writes to the workdir)
@@ -155,10 +246,10 @@ def train(config) -> TrainResult:
     write_text_atomic(workdir / "resolved_config.json", json.dumps(_config_json(config), indent=2))
 
   # ------------------------------------------------------------------ model, optimizer, state
-  constructor = lambda: Transformer(cfg, rngs=nnx.Rngs(config.seed))
+  constructor = lambda: task.module(cfg, config.seed)
   abstract_model = nnx.eval_shape(constructor)
   graphdef, abstract_params = nnx.split(abstract_model)
-  step_graphdef = nnx.split(apply_remat(abstract_model, t.remat))[0]
+  step_graphdef = nnx.split(task.step_module(abstract_model))[0]
   with _config_errors():
     param_sh = state_shardings(abstract_params, rules, mesh)
   tx, schedule = make_optimizer(t)
@@ -207,27 +298,25 @@ def train(config) -> TrainResult:
   compile_s = 0.0
   if start_step < end_step:
     compile_start = time.perf_counter()
-    train_fn, eval_fn = compile_steps(step_graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh,
-                                      rules)
+    train_fn, eval_fn = task.compile(step_graphdef, tx, abstract_state, state_sh, batch_shape, eval_shape, mesh,
+                                     rules)
     compile_s = time.perf_counter() - compile_start
     log.info("compiled train and eval steps in %.1fs", compile_s)
   else:
     log.info("the checkpoint is already at step %d of %d: nothing to train", start_step, end_step)
-  flops_per_token = train_flops_per_token(cfg, t.seq_len)
+  flops_per_token = task.flops_per_token(cfg, t.seq_len)
   peak, peak_note = peak_flops_per_device(override=t.peak_flops_per_device)
   if leader:
     print(f"[jaxinfer train] MFU assumes {peak_note}", flush=True)
 
-  def evaluate() -> float | None:
+  def evaluate(params) -> dict:
+    """The task's held-out record ({} without a held-out split)."""
     if not held_out:
-      return None
-    nll, count = 0.0, 0.0
-    for b in held_out:
-      n, c = jax.device_get(eval_fn(state["params"], to_device(b, eval_shape)))
-      nll, count = nll + float(n), count + float(c)
-    return nll / max(count, 1.0)
+      return {}
+    return task.evaluate(eval_fn, params, (to_device(b, eval_shape) for b in held_out))
 
-  meta_base = {"model": dataclasses.asdict(cfg), "param_shapes": shapes, "config": _config_json(config)}
+  meta_base = {"model": dataclasses.asdict(cfg), "param_shapes": shapes, "config": _config_json(config),
+               **task.meta()}
   kill_at = int(os.environ.get(FAULT_ENV, "0") or 0)
   metrics = MetricsLog(workdir / "metrics.jsonl", resume_step=start_step, enabled=leader)
   losses: dict[int, float] = {}
@@ -256,13 +345,13 @@ def train(config) -> TrainResult:
                 "mfu": flops_per_token * tps / (peak * mesh.size) if peak else None,
                 "step_time_s": dt, "loss_tokens": int(m["loss_tokens"]),
                 "epoch": (position + step - start_step) * t.batch_size / ds.train.num_rows}
-      record.update(moe_record(m))  # MoE models: router losses, dropped assignments, per-layer expert load
+      record.update(task.step_record(m))
       if not math.isfinite(record["loss"]):
         raise FloatingPointError(f"loss is {record['loss']} at step {step}; lower train.learning_rate")
       if (t.eval_every and step % t.eval_every == 0) or step == end_step:
-        eval_loss = evaluate()
-        if eval_loss is not None:
-          record.update(eval_loss=eval_loss, eval_perplexity=math.exp(min(eval_loss, 50.0)))
+        evaluation = evaluate(state["params"])
+        eval_loss = evaluation.get("eval_loss")
+        record.update(evaluation)
         last = time.perf_counter()  # eval time is not training throughput
       losses[step] = record["loss"]
       metrics.write(record)
@@ -288,21 +377,9 @@ def train(config) -> TrainResult:
   finished = final_step >= t.steps
   host_params = _to_host(state["params"])
   trained = nnx.merge(graphdef, host_params)
-  samples: list[tuple[str, str]] = []
-  if leader and t.export_hf and finished:
-    from jaxinfer.checkpoint.hf import save_hf
-    save_hf(trained, workdir / "hf")
-    write_atomic(workdir / "hf" / "tokenizer.json", lambda tmp: shutil.copyfile(ds.tokenizer_file, tmp))
-    log.info("exported Hugging Face checkpoint to %s", workdir / "hf")
-  if t.sample_prompts and t.sample_tokens and jax.process_count() == 1 and finished:
-    samples = sample_continuations(trained, ds.tokenizer, tuple(t.sample_prompts), t.sample_tokens,
-                                   t.sample_temperature, t.sample_top_k, config.seed, ds.eos_id)
-    for prompt, text in samples:
-      print(f"=== sample: {prompt!r}\n{prompt}{text}\n", flush=True)
-  if leader:
-    records = read_metrics(workdir / "metrics.jsonl")
-    _write_report(config, cfg, mesh, workdir, records, ds.stats, samples, compile_s, train_s, peak_note,
-                  flops_per_token, sum(math.prod(s) for s in shapes.values()))
+  samples = task.finish(RunEnd(config, cfg, mesh, workdir, ds, trained, finished, leader, compile_s, train_s,
+                               peak_note, flops_per_token, sum(math.prod(s) for s in shapes.values()), param_sh,
+                               evaluate if start_step < end_step else None))
   _barrier("jaxinfer_train_done")
   return TrainResult(workdir, start_step, final_step, losses, eval_loss, ds.stats, samples)
 
