@@ -27,9 +27,9 @@ from jaxinfer.engine import kv_quant
 
 @struct.dataclass
 class H2ODenseCache:
-  prompt_len: int = struct.field(pytree_node=False, default=0)
-  budget: int = struct.field(pytree_node=False, default=0)
-  window: int = struct.field(pytree_node=False, default=1)
+  prompt_len: jax.Array | int = 0
+  budget: jax.Array | int = 0
+  window: jax.Array | int = 1
   quant_dtype: str | None = struct.field(pytree_node=False, default=None)
 
   def begin(self, positions, segment_ids):
@@ -61,35 +61,39 @@ def _softmax(s, visible):
   return e / e.sum(-1, keepdims=True)
 
 
-def h2o_probs(s, prompt_len: int, budget: int, window: int):
-  """Attention probabilities [H, G, N, N] of scores s [H, G, N, N] under H2O's kept sets (module docstring)."""
+def h2o_probs(s, prompt_len, budget, window):
+  """Attention probabilities [H, G, N, N] of scores s [H, G, N, N] under H2O's kept sets (module docstring).
+  prompt_len, budget and window may be traced (one compiled program per length)."""
   h, _, n, _ = s.shape
   j = jnp.arange(n)
   causal = j[None, :] <= j[:, None]
   dense = _softmax(s, causal[None, None])
-  mass = dense[:, :, :prompt_len].sum(axis=(1, 2))  # [H, N]
-  kept = jnp.broadcast_to(j < prompt_len, (h, n))
-  if prompt_len > budget:
-    _, top = jax.lax.top_k(jnp.where(j < prompt_len - window, mass, -jnp.inf), budget - window)
-    heavy = jnp.zeros((h, n), bool).at[jnp.arange(h)[:, None], top].set(True)
-    kept = heavy | ((j >= prompt_len - window) & (j < prompt_len))
+  mass = (dense.sum(1) * (j < prompt_len)[None, :, None]).sum(1)  # [H, N]: the prompt rows' attention mass
+  # end of prompt: a prompt longer than the budget keeps its window + the budget - window heaviest before it
+  cand = j < prompt_len - window
+  heavy_mass = jnp.where(cand, mass, -jnp.inf)
+  order = jnp.argsort(-heavy_mass, axis=-1, stable=True)  # heaviest first, lowest position on ties
+  rank = jnp.zeros((h, n), jnp.int32).at[jnp.arange(h)[:, None], order].set(jnp.arange(n, dtype=jnp.int32))
+  compact = (cand & (rank < budget - window)) | ((j >= prompt_len - window) & (j < prompt_len))
+  kept = jnp.where(prompt_len > budget, compact, j < prompt_len)
   mass = jnp.where(kept, mass, 0.0)
 
   def step(carry, i):
     kept, mass = carry
-    kept = kept | (j == i)
-    p = _softmax(s[:, :, i], kept[:, None])  # [H, G, N]
-    mass = mass + p.sum(1)
-    old = kept & (j <= i - window)
-    victim = jnp.argmin(jnp.where(old, mass, jnp.inf), axis=-1)
-    out = (kept.sum(-1) > budget) & old.any(-1)
+    active = i >= prompt_len  # prompt rows: dense, nothing changes
+    kept_i = kept | (j == i)
+    p = _softmax(s[:, :, i], kept_i[:, None])  # [H, G, N]
+    new_mass = mass + p.sum(1)
+    old = kept_i & (j <= i - window)
+    victim = jnp.argmin(jnp.where(old, new_mass, jnp.inf), axis=-1)
+    out = (kept_i.sum(-1) > budget) & old.any(-1)
     gone = out[:, None] & (j == victim[:, None])
-    return (kept & ~gone, jnp.where(gone, 0.0, mass)), p
+    kept = jnp.where(active, kept_i & ~gone, kept)
+    mass = jnp.where(active, jnp.where(gone, 0.0, new_mass), mass)
+    return (kept, mass), jnp.where(active, p, dense[:, :, i])
 
-  if prompt_len >= n:
-    return dense
-  _, rows = jax.lax.scan(step, (kept, mass), jnp.arange(prompt_len, n))  # [N - P, H, G, N]
-  return jnp.concatenate([dense[:, :, :prompt_len], rows.transpose(1, 2, 0, 3)], axis=2)
+  _, rows = jax.lax.scan(step, (kept, mass), jnp.arange(n))  # [N, H, G, N]
+  return rows.transpose(1, 2, 0, 3)
 
 
 _JIT: dict = {}
@@ -102,12 +106,13 @@ def h2o_logits(model, tokens, *, prompt_len: int, budget: int, window: int, quan
   if not 0 < window < budget:
     raise ValueError(f"h2o_logits: window must be in (0, budget={budget}), got {window}")
   graphdef, state = nnx.split(model)
-  key = (graphdef, prompt_len, budget, window, quant_dtype)
-  if key not in _JIT:
-    def run(state, tokens):
+  key = (graphdef, quant_dtype)
+  if key not in _JIT:  # one compile per model and length: experiments call it for many budgets
+    def run(state, tokens, prompt_len, budget, window):
       cache = H2ODenseCache(prompt_len=prompt_len, budget=budget, window=window, quant_dtype=quant_dtype)
       ids = tokens[None]
       pos = jnp.arange(ids.shape[1], dtype=jnp.int32)[None]
       return nnx.merge(graphdef, state)(ids, pos, jnp.zeros_like(ids), cache)[0][0]
     _JIT[key] = jax.jit(run)
-  return np.asarray(_JIT[key](state, jnp.asarray(tokens, jnp.int32)), np.float32)
+  out = _JIT[key](state, jnp.asarray(tokens, jnp.int32), jnp.int32(prompt_len), jnp.int32(budget), jnp.int32(window))
+  return np.asarray(out, np.float32)
