@@ -94,12 +94,19 @@ def masked_logits(model, tokens, vis, *, sinks: int = 0, sink_shift=None,
 def attention_probs(model, tokens, quant_dtype: str | None = None) -> np.ndarray:
   """[layers, heads, N, N] causal attention probabilities of a dense forward over tokens (quant_dtype: as in
   masked_logits)."""
+  from flax import nnx
+
   cfg = model.config
-  n = len(tokens)
-  vis = np.broadcast_to(np.tril(np.ones((n, n), bool))[:, None, :], (cfg.num_layers, n, cfg.num_kv_heads, n))
-  _, cache = _forward(model, tokens, MaskedDenseCache(vis=jnp.asarray(vis), model_config=cfg,
-                                                      quant_dtype=quant_dtype))
-  return np.stack([np.asarray(p).transpose(1, 0, 2) for p in cache.probs])
+  graphdef, state = nnx.split(model)
+  key = ("probs", graphdef, quant_dtype)
+  if key not in _JIT:
+    def run(state, tokens):
+      n = tokens.shape[0]
+      vis = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool))[:, None, :], (cfg.num_layers, n, cfg.num_kv_heads, n))
+      cache = MaskedDenseCache(vis=vis, model_config=cfg, quant_dtype=quant_dtype)
+      return jnp.stack([p.transpose(1, 0, 2) for p in _forward(nnx.merge(graphdef, state), tokens, cache)[1].probs])
+    _JIT[key] = jax.jit(run)
+  return np.asarray(_JIT[key](state, jnp.asarray(tokens, jnp.int32)))
 
 
 def streaming_visibility(n: int, layers: int, kv_heads: int, sinks: int, window: int, stream_heads=None):
