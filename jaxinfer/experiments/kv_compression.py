@@ -65,6 +65,8 @@ class KVCompressionConfig:
   rounds: int = 2
   kv_dtypes: tuple[str, ...] = ("float32", "bfloat16", "int8", "float8_e4m3fn")  # the quality part
   probe_kv_dtypes: tuple[str, ...] = ("float32", "int8")
+  probe_fractions: tuple[float, ...] = ()  # empty: fractions
+  parts: tuple[str, ...] = ("quality", "probe", "engine")
   probe_candidates: int = 8
   probe_offset: int = 300
   engine_kv_dtype: str = "int8"  # engine_kv_policies again on this pool at engine_fractions[0] ("": not)
@@ -76,7 +78,7 @@ class KVCompressionConfig:
                  "decode_tokens", "page_size", "rounds", "probe_candidates", "probe_offset"):
       value = getattr(self, name)
       check(cls, name, isinstance(value, int) and value >= 1, f"must be a positive integer, got {value!r}")
-    for name in ("fractions", "engine_fractions"):
+    for name in ("fractions", "engine_fractions") + (("probe_fractions",) if self.probe_fractions else ()):
       value = getattr(self, name)
       check(cls, name, bool(value) and all(0 < f <= 1 for f in value), f"fractions in (0, 1], got {value!r}")
     check(cls, "files", bool(self.files), "name at least one stdlib file")
@@ -84,6 +86,8 @@ class KVCompressionConfig:
           f"choose from {', '.join(ENGINE_POLICIES)}; got {self.engine_policies!r}")
     check(cls, "engine_kv_policies", set(self.engine_kv_policies) <= set(self.engine_policies),
           f"a subset of engine_policies {self.engine_policies!r}; got {self.engine_kv_policies!r}")
+    check(cls, "parts", bool(self.parts) and set(self.parts) <= {"quality", "probe", "engine"},
+          f"a non-empty subset of quality, probe, engine; got {self.parts!r}")
     check(cls, "probe_candidates", self.probe_candidates >= 2, f"at least 2, got {self.probe_candidates}")
     dtypes = ("float32", "bfloat16", "int8", "float8_e4m3fn")
     for name in ("kv_dtypes", "probe_kv_dtypes"):
@@ -220,6 +224,7 @@ def run_quality(model, texts, s, classes) -> list[dict]:
             continue
           lp = _log_softmax(policy_logits(name, model, t, budget_of(frac, n, s), s, classes, half, kv_dtype))
           nll.setdefault((kv_dtype, frac, name), []).append(-np.mean([lp[i - 1, t[i]] for i in range(half, len(t))]))
+      print("quality", kv_dtype, "done for a file", flush=True)
   rows = []
   for kv_dtype in s.kv_dtypes:
     for frac in s.fractions:
@@ -273,11 +278,12 @@ def probe_texts(encode, decode, vocab_size, s, rng):
 
 
 def run_probe(model, probes, s, classes) -> list[dict]:
+  fractions = s.probe_fractions or s.fractions
   hits = {}  # (kv_dtype, fraction, policy) -> [(candidate hit, greedy hit)] over probes
   for t, value, cands in probes:
     for kv_dtype in s.probe_kv_dtypes:
       full = None
-      for frac in s.fractions:
+      for frac in fractions:
         budget = budget_of(frac, s.length, s)
         for name in ("full",) + POLICIES:
           if full is not None and (name == "full" or budget >= len(t)):
@@ -290,7 +296,7 @@ def run_probe(model, probes, s, classes) -> list[dict]:
           hits.setdefault((kv_dtype, frac, name), []).append(hit)
   rows = []
   for kv_dtype in s.probe_kv_dtypes:
-    for frac in s.fractions:
+    for frac in fractions:
       row = dict(kv_dtype=kv_dtype, fraction=frac, budget=budget_of(frac, s.length, s))
       for name in ("full",) + POLICIES:
         h = np.asarray(hits[kv_dtype, frac, name], float)
@@ -323,9 +329,11 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
     setups[f"none {s.engine_kv_dtype}"] = (KVPolicyConfig(), s.engine_kv_dtype)
   engines, held = {}, {}
   for key, (pol, kv_dtype) in setups.items():
+    # room for a compaction's copy beside the whole prompt (else SnapKV / H2O defer it: counted below)
     engines[key] = jaxinfer.Engine(model, max_batch_size=1, page_size=s.page_size, max_step_tokens=256,
                                    max_model_len=min(cfg.max_position_embeddings, -(-total // 256) * 256),
-                                   async_scheduling=False, kv_policy=pol, kv_cache_dtype=kv_dtype)
+                                   num_pages=2 * -(-total // s.page_size) + 2, async_scheduling=False,
+                                   kv_policy=pol, kv_cache_dtype=kv_dtype)
 
   def case(key):
     engine = engines[key]
@@ -344,7 +352,8 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
     def teardown():
       pol = engine.kv_policy
       full = -(-total // s.page_size)
-      held[key] = (pol.max_pages[state["rid"]], pol.last_pages[state["rid"]]) if pol is not None else (full, full)
+      held[key] = ((pol.max_pages[state["rid"]], pol.last_pages[state["rid"]], pol.stats["deferred_compactions"])
+                   if pol is not None else (full, full, 0))
 
     return Case(fn, setup, teardown)
 
@@ -358,7 +367,7 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
                          pol.sink_tokens + pol.window if pol.name == "streaming" else total),
                      decode_tok_s=(s.decode_tokens - 1) / t, vs_none=comparison.time("none") / t,
                      kv_bytes_per_token=held[key][1] * per_page / total, pages=held[key][1],
-                     peak_pages=held[key][0]))
+                     peak_pages=held[key][0], deferred_compactions=held[key][2]))
     print("engine", rows[-1], flush=True)
   return rows
 
@@ -366,7 +375,7 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def plot(quality, probe, kv_dtypes, probe_kv_dtypes):
+def plot(quality, probe, kv_dtypes, probe_kv_dtypes, chance):
   plt = results.pyplot()
   fig, axes = plt.subplots(1, len(kv_dtypes) + 1, figsize=(4.2 * (len(kv_dtypes) + 1), 4))
   for ax, kv_dtype in zip(axes, kv_dtypes):
@@ -384,6 +393,7 @@ def plot(quality, probe, kv_dtypes, probe_kv_dtypes):
       b.plot([r["fraction"] for r in rows], [r[name] for r in rows], marker="o", color=f"C{c}",
              ls="-" if i == 0 else ":", label=name if i == 0 else None)
     b.axhline(rows[-1]["full"], color="k", ls="--" if i == 0 else ":", label=f"full KV ({kv_dtype})")
+  b.axhline(chance, color="grey", ls="-.", label="chance")
   b.set_title("retrieval probe, KV " + ", ".join(f"{d} ({ls})" for d, ls in zip(probe_kv_dtypes, ("solid", "dotted"))))
   b.set_ylabel("accuracy among the candidates")
   for ax in axes:
@@ -408,10 +418,10 @@ def run(config) -> dict:
   classes = duo.calibrate(model, calib, sink_tokens=s.sink_tokens, window=max(1, s.length // 8 - s.sink_tokens),
                           fraction=s.retrieval_heads)
   with results.open_run(config) as out:
-    quality = run_quality(model, texts, s, classes)
+    quality = run_quality(model, texts, s, classes) if "quality" in s.parts else []
     probes = probe_texts(encode, decode, model.config.vocab_size, s, np.random.default_rng(config.seed))
-    probe = run_probe(model, probes, s, classes)
-    engine = run_engine(model, (texts[0] * 4)[:s.decode_prompt], s, config.seed)
+    probe = run_probe(model, probes, s, classes) if "probe" in s.parts else []
+    engine = run_engine(model, (texts[0] * 4)[:s.decode_prompt], s, config.seed) if "engine" in s.parts else []
     for r in quality:
       out.log("quality", **r)
     for r in probe:
@@ -421,37 +431,43 @@ def run(config) -> dict:
     cols = [("KV dtype", "kv_dtype", None), ("budget", "fraction", "{:.0%}"), ("kept tokens", "budget", None),
             ("full KV", "full", ".2f")] + [(name, name, ".2f") for name in POLICIES]
     source = s.checkpoint or f"a random {SMOKE_MODEL['num_layers']}-layer model (smoke)"
-    out.section("Perplexity against the KV budget",
-                f"Model: {source}; files {', '.join(s.files)}, first {s.length} tokens each; perplexity over the "
-                f"second half. StreamingLLM: {s.sink_tokens} sinks + window (budget - sinks); window only: the "
-                f"budget as a window; SnapKV: the first half compressed at its end (window {s.snapkv_window}, max "
-                f"pool {s.pool_kernel}); H2O: the first half cut to the budget at its end (recent window "
-                f"min({s.snapkv_window}, budget / 2)), then one eviction per token of the second half; Duo: heads "
-                f"{classes} (r: retrieval, full KV; s: {s.sink_tokens} sinks + window), classified by long-range "
-                f"attention mass on {s.calibration_file}. KV dtype: keys and values as a pool of that dtype gives "
-                "them back (int8 / float8_e4m3fn: absmax scale per token and kv head, for keys and values).",
-                results.table_from(quality, cols))
+    if quality:
+      out.section("Perplexity against the KV budget",
+                  f"Model: {source}; files {', '.join(s.files)}, first {s.length} tokens each; perplexity over the "
+                  f"second half. StreamingLLM: {s.sink_tokens} sinks + window (budget - sinks); window only: the "
+                  f"budget as a window; SnapKV: the first half compressed at its end (window {s.snapkv_window}, max "
+                  f"pool {s.pool_kernel}); H2O: the first half cut to the budget at its end (recent window "
+                  f"min({s.snapkv_window}, budget / 2)), then one eviction per token of the second half; Duo: heads "
+                  f"{classes} (r: retrieval, full KV; s: {s.sink_tokens} sinks + window), classified by long-range "
+                  f"attention mass on {s.calibration_file}. KV dtype: keys and values as a pool of that dtype gives "
+                  "them back (int8 / float8_e4m3fn: absmax scale per token and kv head, for keys and values).",
+                  results.table_from(quality, cols))
     chance = 1.0 / s.probe_candidates
-    out.section("Retrieval probe (accuracy)",
-                f"{len(probes)} probes: `<name> = <value>` inserted at a line break after {s.probe_offset} "
-                f"characters of a stdlib file, the file up to {s.length} tokens, then `\\n<name> =`; hit: the right "
-                f"value has the highest logit among {s.probe_candidates} single-token candidates (chance "
-                f"{chance:.3f}). SnapKV / H2O: the prompt ends with the name, ` =` is a decode row.",
-                results.table_from(probe, cols),
-                "Greedy (the right value is the argmax over the whole vocabulary):",
-                results.table_from(probe, cols[:3] + [(n, n + "_greedy", ".2f") for n in ("full",) + POLICIES]))
-    out.section("Engine decode and KV bytes",
-                f"jaxinfer.Engine, one request of {s.decode_prompt} prompt tokens + {s.decode_tokens} new ones, "
-                "greedy; decode tokens/s after prefill, ratio to the engine without a policy (float32 pool) in the "
-                "same run; KV bytes per token = pages held after the last step x page bytes (scales included) / "
-                "tokens; peak pages: the most held at once (SnapKV and H2O hold the whole prompt until it ends, "
-                "plus the compaction's copy). h2o / h2o_unscored at the same budget: the attention-mass "
-                "scoring's own cost (same page-table width, same eviction programs).",
-                results.table_from(engine, [("setup", "setup", None), ("kept tokens", "budget", None),
-                                            ("decode tok/s", "decode_tok_s", ".1f"), ("vs none", "vs_none", "{:.2f}x"),
-                                            ("pages", "pages", None), ("peak pages", "peak_pages", None),
-                                            ("KV bytes / token", "kv_bytes_per_token", ".0f")]))
+    if probe:
+      out.section("Retrieval probe (accuracy)",
+                  f"{len(probes)} probes: `<name> = <value>` inserted at a line break after {s.probe_offset} "
+                  f"characters of a stdlib file, the file up to {s.length} tokens, then `\\n<name> =`; hit: the right "
+                  f"value has the highest logit among {s.probe_candidates} single-token candidates (chance "
+                  f"{chance:.3f}). SnapKV / H2O: the prompt ends with the name, ` =` is a decode row.",
+                  results.table_from(probe, cols),
+                  "Greedy (the right value is the argmax over the whole vocabulary):",
+                  results.table_from(probe, cols[:3] + [(n, n + "_greedy", ".2f") for n in ("full",) + POLICIES]))
+    if engine:
+      out.section("Engine decode and KV bytes",
+                  f"jaxinfer.Engine, one request of {s.decode_prompt} prompt tokens + {s.decode_tokens} new ones, "
+                  "greedy; decode tokens/s after prefill, ratio to the engine without a policy (float32 pool) in the "
+                  "same run; KV bytes per token = pages held after the last step x page bytes (scales included) / "
+                  "tokens; peak pages: the most held at once (SnapKV and H2O hold the whole prompt until it ends, "
+                  "plus the compaction's copy). h2o / h2o_unscored at the same budget: the attention-mass "
+                  "scoring's own cost (same page-table width, same eviction programs).",
+                  results.table_from(engine, [("setup", "setup", None), ("kept tokens", "budget", None),
+                                              ("decode tok/s", "decode_tok_s", ".1f"),
+                                              ("vs none", "vs_none", "{:.2f}x"),
+                                              ("pages", "pages", None), ("peak pages", "peak_pages", None),
+                                              ("deferred compactions", "deferred_compactions", None),
+                                              ("KV bytes / token", "kv_bytes_per_token", ".0f")]))
     out.section("Against the papers' claims", "\n".join(f"- {who}: {claim}" for who, claim in CLAIMS))
-    out.figure(plot(quality, probe, s.kv_dtypes, s.probe_kv_dtypes), "kv_compression.png", dpi=110)
+    if quality and probe:
+      out.figure(plot(quality, probe, s.kv_dtypes, s.probe_kv_dtypes, chance), "kv_compression.png", dpi=110)
     print(out.markdown)
   return dict(quality=quality, probe=probe, engine=engine)
