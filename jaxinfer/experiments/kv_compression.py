@@ -99,7 +99,7 @@ class KVCompressionConfig:
 
 SMOKE = dict(checkpoint="", files=("textwrap.py",), calibration_file="tarfile.py", length=96, fractions=(0.25, 1.0),
              snapkv_window=8, pool_kernel=3, probe_trials=1, engine_fractions=(0.5,), decode_prompt=48,
-             decode_tokens=4, page_size=8, rounds=1, engine_policies=("snapkv", "h2o_unscored"),
+             decode_tokens=4, page_size=8, rounds=1, engine_policies=("h2o_unscored",),
              engine_kv_dtype="", engine_kv_policies=(),
              kv_dtypes=("int8",), probe_kv_dtypes=("int8",), probe_candidates=4, probe_offset=40)
 SMOKE_MODEL = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,

@@ -21,9 +21,9 @@ def test_kv_compression_smoke(run_experiment):
   for r in probe:
     assert all(0.0 <= r[name] <= 1.0 and 0.0 <= r[name + "_greedy"] <= r[name] for name in POLICIES)
   by = {r["setup"]: r for r in engine}
-  assert by["none"]["vs_none"] == 1.0 and set(by) == {"none", "snapkv@0.5", "h2o_unscored@0.5"}
+  assert by["none"]["vs_none"] == 1.0 and set(by) == {"none", "h2o_unscored@0.5"}
   for r in engine:
     assert r["decode_tok_s"] > 0 and r["vs_none"] == pytest.approx(r["decode_tok_s"] / by["none"]["decode_tok_s"])
-  assert by["snapkv@0.5"]["pages"] < by["none"]["pages"]
+  assert by["h2o_unscored@0.5"]["pages"] < by["none"]["pages"]  # compacted to its budget
   assert "## Perplexity against the KV budget" in ran.markdown and "Against the papers' claims" in ran.markdown
   assert (ran.dir / "kv_compression.png").is_file()
