@@ -95,9 +95,6 @@ class EngineConfig:
                                           or self.speculative is not None):
       raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
                         "speculative verification (speculative, max_rows_per_seq > 1) or shared-prefix attention")
-    if self.kv_policy.name != "none" and self.kv_cache_dtype in ("int8", "float8_e4m3fn"):
-      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run on a quantized "
-                        f"KV cache (kv_cache_dtype={self.kv_cache_dtype!r}): its masked attention reads float pages")
     if self.kv_dtype is not None:
       import jax.numpy as jnp
 

@@ -42,6 +42,16 @@ def dequantize(codes, scale):
   return codes.astype(jnp.float32) * scale
 
 
+def roundtrip(x, dtype):
+  """x [..., kv_heads, d] as a KV pool of dtype gives it back (float32): a quantized dtype per token
+  (dequantize(quantize(x)), the per-token layout), a float dtype by casting (the dense references' KV dtypes)."""
+  x = x.astype(jnp.float32)
+  if jnp.dtype(dtype).name in QMAX:
+    s = token_scales(x, dtype)
+    return dequantize(quantize(x, s, dtype), s)
+  return x.astype(dtype).astype(jnp.float32)
+
+
 def token_scales(x, dtype):
   """Per-token absmax scales of x [T, kv_heads, d] -> [T, kv_heads, 1]."""
   return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1, keepdims=True) / qmax(dtype)
@@ -85,6 +95,28 @@ def store(k_pages, v_pages, k_scales, v_scales, slots, k, v):
   kp, ks = (store_per_token if per_token_keys else store_per_channel)(k_pages, k_scales, slots, k)
   vp, vs = store_per_token(v_pages, v_scales, slots, v)
   return kp, vp, ks, vs
+
+
+def move_slots(pages, scales, src, new_slots):
+  """Compaction of a quantized layer (kv_policies/device.py): slot new_slots[i] head h becomes a copy of slot
+  src[i, h] head h (flat slot indices; pages [P, ps, hkv, d], scales of either layout). Per-token scales
+  move with their codes (exact). Per-channel key scales belong to a page, and a kept slot lands in another
+  page beside slots from other pages: its key is dequantized with its source page's scale and requantized
+  with the destination page's new scale, the absmax of the keys that land there (the destination pages are
+  fresh: a new run of the running-absmax rule). One extra rounding, at most half a step of the new scale;
+  the new scale is at most the largest source scale, so the step never grows."""
+  P, ps, hkv, d = pages.shape
+  flat = pages.reshape(P * ps, hkv, d)
+  heads = jnp.arange(hkv)[None, :]
+  if scales.shape[1] == ps:  # per token
+    sf = scales.reshape(P * ps, hkv, 1)
+    return (flat.at[new_slots].set(flat[src, heads]).reshape(pages.shape),
+            sf.at[new_slots].set(sf[src, heads]).reshape(scales.shape))
+  x = dequantize(flat[src, heads], scales[src // ps, 0, heads])  # [keep, hkv, d]
+  dst = new_slots // ps
+  new_scales = scales.at[dst].set(0.0).at[dst, 0].max(jnp.abs(x) / qmax(pages.dtype))
+  codes = quantize(x, new_scales[dst, 0], pages.dtype)
+  return flat.at[new_slots].set(codes).reshape(pages.shape), new_scales
 
 
 def scale_shapes(num_pages: int, page_size: int, kv_heads: int, head_dim: int, key_granularity: str):

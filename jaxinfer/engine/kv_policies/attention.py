@@ -28,6 +28,7 @@ import numpy as np
 from flax import struct
 
 import pallas_kernels
+from jaxinfer.engine import kv_quant
 from jaxinfer.engine.kv_pool import store
 
 
@@ -117,9 +118,18 @@ def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int):
 
 
 def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
-  """PagedKVCache.attend for a cache carrying a policy: writes k/v and slot positions, then attends."""
+  """PagedKVCache.attend for a cache carrying a policy: writes k/v and slot positions, then attends.
+
+  A quantized pool (cache.k_scales set) is written with kv_quant.store (quantize on write) and read as
+  codes: the masked pass dequantizes only the pages it gathers for the step's sequences (gather_pages), the
+  decode kernel dequantizes the tiles it loads; the pool is never converted whole."""
   pol, rule = cache.policy, cache.policy_rule
-  kp, vp = store(cache.k_pages[layer], cache.v_pages[layer], cache.slots, k[0], v[0])
+  if cache.k_scales is None:
+    kp, vp = store(cache.k_pages[layer], cache.v_pages[layer], cache.slots, k[0], v[0])
+    ks = vs = None
+  else:
+    kp, vp, ks, vs = kv_quant.store(cache.k_pages[layer], cache.v_pages[layer], cache.k_scales[layer],
+                                    cache.v_scales[layer], cache.slots, k[0], v[0])
   pos = positions[0].astype(jnp.int32)
   hkv = kp.shape[2]
   slot_pos = pol.state.slot_pos[layer].at[cache.slots].set(jnp.broadcast_to(pos[:, None], (pos.shape[0], hkv)),
@@ -127,17 +137,19 @@ def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
   score = pol.state.score[layer]
   b, t, heads, d = q.shape
   if rule.kernel_decode and cache.decode_only:
-    out = pallas_kernels.paged_attention(q[0], kp.astype(q.dtype), vp.astype(q.dtype), cache.page_table,
-                                         cache.kv_lens, sliding_window=sliding_window,
-                                         implementation=cache.attention_impl, interpret=cache.interpret)
-    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score)
+    quant = {} if ks is None else dict(k_scales=ks, v_scales=vs)
+    kq, vq = (kp.astype(q.dtype), vp.astype(q.dtype)) if ks is None else (kp, vp)
+    out = pallas_kernels.paged_attention(q[0], kq, vq, cache.page_table, cache.kv_lens,
+                                         sliding_window=sliding_window, implementation=cache.attention_impl,
+                                         interpret=cache.interpret, **quant)
+    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score, ks, vs)
   from jaxinfer.engine.paged_cache import token_sequence
 
   ps, pt = cache.page_size, cache.page_table
   s_pad, width = pt.shape
   seq, valid = token_sequence(cache.cu_q_lens, cache.num_seqs, t)
-  kg = kp[pt].reshape(s_pad, width * ps, hkv, d)[seq]  # [T, L, H, d]
-  vg = vp[pt].reshape(s_pad, width * ps, hkv, d)[seq]
+  kg = gather_pages(kp, ks, pt, seq)  # [T, L, H, d]
+  vg = gather_pages(vp, vs, pt, seq)
   key_pos = slot_pos.reshape(-1, ps, hkv)[pt].reshape(s_pad, width * ps, hkv)[seq]  # [T, L, H]
   kv_len = jnp.where(valid, cache.kv_lens[seq], 0)
   vis = visibility(key_pos, pos, kv_len, rule, layer, sliding_window)
@@ -145,7 +157,19 @@ def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
   out = jnp.einsum("thgl,tlhd->thgd", probs, vg.astype(jnp.float32)).reshape(t, heads, d)
   if rule.scores:
     score = accumulate_scores(score, probs, seq, valid, pol, cache, width * ps)
-  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score)
+  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score, ks, vs)
+
+
+def gather_pages(pages, scales, page_table, seq):
+  """[T, L, H, d]: each query row's sequence pages (page_table [S, W] of pages [P, ps, H, d]) as L = W * ps
+  slots. For a quantized pool the gathered pages are dequantized here with their own scales (per token
+  [P, ps, H, 1] or per page and channel [P, 1, H, d], kv_quant.py), after the gather: only the step's pages."""
+  s_pad, width = page_table.shape
+  _, ps, hkv, d = pages.shape
+  x = pages[page_table]  # [S, W, ps, H, d]
+  if scales is not None:
+    x = kv_quant.dequantize(x, scales[page_table])
+  return x.reshape(s_pad, width * ps, hkv, d)[seq]
 
 
 def accumulate_scores(score, probs, seq, valid, pol: PolicyStep, cache, table_slots: int):
@@ -162,5 +186,8 @@ def accumulate_scores(score, probs, seq, valid, pol: PolicyStep, cache, table_sl
 
 def policy_finish(cache, layer_kvs):
   state = PolicyState(slot_pos=tuple(kv[2] for kv in layer_kvs), score=tuple(kv[3] for kv in layer_kvs))
+  scales = {}
+  if cache.k_scales is not None:
+    scales = dict(k_scales=tuple(kv[4] for kv in layer_kvs), v_scales=tuple(kv[5] for kv in layer_kvs))
   return cache.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
-                       slots=None, policy=cache.policy.replace(state=state))
+                       slots=None, policy=cache.policy.replace(state=state), **scales)

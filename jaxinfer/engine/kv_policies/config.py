@@ -4,7 +4,8 @@
   --config.engine.kv_policy.name=snapkv --config.engine.kv_policy.budget=128
 
 Fields (which ones a policy reads is said in its file under jaxinfer/engine/kv_policies/):
-  name         "none" | "streaming" | "snapkv" | "h2o" | "duo" (any name in the registry)
+  name         "none" | "streaming" | "snapkv" | "h2o" | "duo" (any name in the registry; "h2o_unscored":
+               H2O without its scoring, an ablation for timing, h2o_unscored.py)
   sink_tokens  streaming / duo: the first tokens every query keeps seeing (attention sinks)
   window       streaming / duo: most recent tokens seen, the query itself included; snapkv: the observation
                window W (the last W prompt queries that score the prompt); h2o: the recent tokens always kept
@@ -62,6 +63,6 @@ class KVPolicyConfig:
     for row in self.head_classes:
       if not isinstance(row, str) or not row or set(row) - {"r", "s"}:
         raise _err("head_classes", f"each entry must be a non-empty string of 'r'/'s', got {row!r}")
-    if self.name in ("snapkv", "h2o") and self.window >= self.budget:
+    if self.name in ("snapkv", "h2o", "h2o_unscored") and self.window >= self.budget:
       raise _err("window", f"{self.name}: window={self.window} must be < budget={self.budget} (the rest of the "
                  "budget holds the heavy hitters)")

@@ -1,5 +1,6 @@
 """Device programs of the compacting policies: choose the kept slots of one request per (layer, kv head)
-and move them (k, v, slot positions, scores) into fresh pages; H2O's one-slot eviction per decode step.
+and move them (k, v, their scales in a quantized pool, slot positions, scores) into fresh pages; H2O's
+one-slot eviction per decode step.
 
 Selections are pure jnp functions of one layer's score row [L, H] and slot positions [L, H] (logical
 order), so the tests can compare them with plain-NumPy references written from the papers."""
@@ -11,6 +12,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxinfer.engine import kv_quant
 
 
 def topk_plus_recent(score, held, recent: int, keep: int):
@@ -68,7 +71,7 @@ def compact(pool, row, old_slots, new_slots, held, latest, *, select, keep: int)
   """For every layer: keep[i, h] = select(...) logical slots of the request's old pages; slot new_slots[i]
   head h becomes a copy of old slot old_slots[keep[i, h]] head h (k, v, position); the score row follows."""
   st = pool.policy
-  ks, vs, poss, scores = [], [], [], []
+  ks, vs, poss, scores, kss, vss = [], [], [], [], [], []
   for layer in range(len(pool.k)):
     kp, vp = pool.k[layer], pool.v[layer]
     shape = kp.shape
@@ -81,13 +84,23 @@ def compact(pool, row, old_slots, new_slots, held, latest, *, select, keep: int)
     idx = select(row_score, row_pos, held, latest)  # [keep, H]
     src = old_slots[idx]  # [keep, H] physical
     heads = jnp.arange(hkv)[None, :]
-    kf, vf = kp.reshape(flat), vp.reshape(flat)
-    ks.append(kf.at[new_slots].set(kf[src, heads]).reshape(shape))
-    vs.append(vf.at[new_slots].set(vf[src, heads]).reshape(shape))
+    if pool.k_scales is None:
+      kf, vf = kp.reshape(flat), vp.reshape(flat)
+      ks.append(kf.at[new_slots].set(kf[src, heads]).reshape(shape))
+      vs.append(vf.at[new_slots].set(vf[src, heads]).reshape(shape))
+    else:  # codes and scales move together (per-channel keys are requantized: kv_quant.move_slots)
+      kq, ksc = kv_quant.move_slots(kp, pool.k_scales[layer], src, new_slots)
+      vq, vsc = kv_quant.move_slots(vp, pool.v_scales[layer], src, new_slots)
+      ks.append(kq)
+      vs.append(vq)
+      kss.append(ksc)
+      vss.append(vsc)
     poss.append(sp.at[new_slots].set(sp[src, heads]))
     kept = jnp.zeros_like(row_score).at[:keep].set(jnp.take_along_axis(row_score, idx, axis=0))
     scores.append(sc.at[row].set(kept))
-  return pool.replace(k=tuple(ks), v=tuple(vs), policy=st.replace(slot_pos=tuple(poss), score=tuple(scores)))
+  quant = {} if pool.k_scales is None else dict(k_scales=tuple(kss), v_scales=tuple(vss))
+  return pool.replace(k=tuple(ks), v=tuple(vs), policy=st.replace(slot_pos=tuple(poss), score=tuple(scores)),
+                      **quant)
 
 
 @functools.partial(jax.jit, static_argnames=("window",), donate_argnums=(0,))

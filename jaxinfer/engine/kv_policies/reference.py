@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxinfer.engine import kv_quant
 from jaxinfer.models.rope import apply_rope, rope_cos_sin
 
 
@@ -26,6 +27,8 @@ class MaskedDenseCache:
   sinks: int = struct.field(pytree_node=False, default=0)
   model_config: object = struct.field(pytree_node=False, default=None)
   probs: tuple = ()
+  quant_dtype: str | None = struct.field(pytree_node=False, default=None)  # k/v through kv_quant.roundtrip
+
 
   def begin(self, positions, segment_ids):
     del positions, segment_ids
@@ -38,6 +41,8 @@ class MaskedDenseCache:
     g = heads // hkv
     qf = q[0].astype(jnp.float32).reshape(n, hkv, g, d)
     kf, vf = k[0].astype(jnp.float32), v[0].astype(jnp.float32)
+    if self.quant_dtype is not None:  # what a pool of that dtype gives back (quantized: per token)
+      kf, vf = kv_quant.roundtrip(kf, self.quant_dtype), kv_quant.roundtrip(vf, self.quant_dtype)
     s = jnp.einsum("qhgd,khd->qhgk", qf, kf)
     if self.sink_shift is not None:
       # key j < sinks, seen from query i, sits at position j + shift[i]: rotate it there (k is at j already)
@@ -67,28 +72,41 @@ def _forward(model, tokens, cache):
 _JIT: dict = {}
 
 
-def masked_logits(model, tokens, vis, *, sinks: int = 0, sink_shift=None) -> np.ndarray:
-  """[N, vocab] float32 logits of every position, query i seeing key j in (layer, kv head h) iff vis[l, i, h, j]."""
+def masked_logits(model, tokens, vis, *, sinks: int = 0, sink_shift=None,
+                  quant_dtype: str | None = None) -> np.ndarray:
+  """[N, vocab] float32 logits of every position, query i seeing key j in (layer, kv head h) iff vis[l, i, h, j].
+  quant_dtype ("int8" / "float8_e4m3fn" / a float dtype): keys and values as a pool of that dtype returns
+  them (quantized: the per-token layout, kv_quant.roundtrip)."""
   from flax import nnx
 
   graphdef, state = nnx.split(model)
-  key = (graphdef, sinks, sink_shift is None)
+  key = (graphdef, sinks, sink_shift is None, quant_dtype)
   if key not in _JIT:  # one compile per model and length: experiments call it many times
     def run(state, tokens, vis, shift):
-      cache = MaskedDenseCache(vis=vis, sink_shift=shift, sinks=sinks, model_config=model.config)
+      cache = MaskedDenseCache(vis=vis, sink_shift=shift, sinks=sinks, model_config=model.config,
+                               quant_dtype=quant_dtype)
       return _forward(nnx.merge(graphdef, state), tokens, cache)[0][0]
     _JIT[key] = jax.jit(run)
   shift = None if sink_shift is None else jnp.asarray(sink_shift)
   return np.asarray(_JIT[key](state, jnp.asarray(tokens, jnp.int32), jnp.asarray(vis), shift), np.float32)
 
 
-def attention_probs(model, tokens) -> np.ndarray:
-  """[layers, heads, N, N] causal attention probabilities of a dense forward over tokens."""
+def attention_probs(model, tokens, quant_dtype: str | None = None) -> np.ndarray:
+  """[layers, heads, N, N] causal attention probabilities of a dense forward over tokens (quant_dtype: as in
+  masked_logits)."""
+  from flax import nnx
+
   cfg = model.config
-  n = len(tokens)
-  vis = np.broadcast_to(np.tril(np.ones((n, n), bool))[:, None, :], (cfg.num_layers, n, cfg.num_kv_heads, n))
-  _, cache = _forward(model, tokens, MaskedDenseCache(vis=jnp.asarray(vis), model_config=cfg))
-  return np.stack([np.asarray(p).transpose(1, 0, 2) for p in cache.probs])
+  graphdef, state = nnx.split(model)
+  key = ("probs", graphdef, quant_dtype)
+  if key not in _JIT:
+    def run(state, tokens):
+      n = tokens.shape[0]
+      vis = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool))[:, None, :], (cfg.num_layers, n, cfg.num_kv_heads, n))
+      cache = MaskedDenseCache(vis=vis, model_config=cfg, quant_dtype=quant_dtype)
+      return jnp.stack([p.transpose(1, 0, 2) for p in _forward(nnx.merge(graphdef, state), tokens, cache)[1].probs])
+    _JIT[key] = jax.jit(run)
+  return np.asarray(_JIT[key](state, jnp.asarray(tokens, jnp.int32)))
 
 
 def streaming_visibility(n: int, layers: int, kv_heads: int, sinks: int, window: int, stream_heads=None):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _POLICIES: dict = {}
-_BUILTIN = ("streaming", "snapkv", "h2o", "duo")  # modules under jaxinfer/engine/kv_policies/
+_BUILTIN = ("streaming", "snapkv", "h2o", "h2o_unscored", "duo")  # modules under jaxinfer/engine/kv_policies/
 
 
 def register(name: str):
