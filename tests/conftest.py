@@ -16,8 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # is respected (and kept); JAXINFER_TEST_XLA_CACHE=0 turns the cache off.
 _RUN_CACHE = None
 if os.environ.get("JAXINFER_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _RUN_CACHE = os.path.join(tempfile.gettempdir(), "jaxinfer-test-xla-cache-"
-                            + os.environ.get("PYTEST_XDIST_TESTRUNUID", f"pid{os.getpid()}"))
+  _RUN_CACHE = tempfile.mkdtemp(prefix="jaxinfer-test-xla-cache-")  # made by the controller; workers inherit it
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
