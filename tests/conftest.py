@@ -2,9 +2,24 @@
 set before JAX is imported anywhere."""
 
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One XLA compilation cache per test run (both xdist workers and every subprocess a test starts share it, through
+# the environment): the same program built again from a new Python function (each train() call jits its own
+# step, each subprocess starts cold) is read back instead of compiled again. Keyed by XLA on the program, the
+# devices and the flags, so a hit is the very executable a compile would give; the run starts empty and the
+# controller removes it at the end, so nothing carries over between runs. An outside JAX_COMPILATION_CACHE_DIR
+# is respected (and kept); JAXINFER_TEST_XLA_CACHE=0 turns the cache off.
+_RUN_CACHE = None
+if os.environ.get("JAXINFER_TEST_XLA_CACHE", "1") != "0" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _RUN_CACHE = tempfile.mkdtemp(prefix="jaxinfer-test-xla-cache-")  # made by the controller; workers inherit it
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _RUN_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import jax  # noqa: E402
 
@@ -30,3 +45,9 @@ def pytest_collection_modifyitems(items):
     return rank.get(path, len(LONG_FIRST))
 
   items.sort(key=key)  # stable, and whole files stay together: the same order on every worker
+
+
+def pytest_unconfigure(config):
+  # the controller (or the only process with -n 0) ends last: the run's compilation cache goes with it
+  if _RUN_CACHE and "PYTEST_XDIST_WORKER" not in os.environ:
+    shutil.rmtree(_RUN_CACHE, ignore_errors=True)
