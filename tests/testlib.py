@@ -116,3 +116,22 @@ def assert_same_or_near_tie(model, prompt, got, want, what):
   first, second = np.argsort(logits)[::-1][:2]
   gap = float(logits[first] - logits[second])
   assert gap < 1e-4 and got[i] == second, f"{what}: diverges from generate at token {i} (logit gap {gap:.3g})"
+
+
+def drive_with_arrivals(engine, prompts, news, rng, sampling=None):
+  """Serves prompts arriving at random steps (prefills share steps with decodes), forcing a preemption now and
+  then, checking the page pool after every step; returns each prompt's new tokens."""
+  sampling = sampling or [None] * len(prompts)
+  index_of, got, arrived, steps = {}, {}, 0, 0
+  while arrived < len(prompts) or engine.has_unfinished():
+    if arrived < len(prompts) and rng.random() < 0.6:
+      index_of[engine.add_request(prompts[arrived], sampling[arrived], max_new_tokens=news[arrived])] = arrived
+      arrived += 1
+    if engine.num_running > 1 and rng.random() < 0.15:  # forced preemption
+      engine.preempt(engine.scheduler.running[int(rng.integers(0, engine.num_running))].request_id)
+    for out in engine._checked_step():
+      got.setdefault(index_of[out.request_id], []).extend(out.new_token_ids)
+    engine.check_pages()
+    steps += 1
+    assert steps < 500, "no progress"
+  return [got.get(i, []) for i in range(len(prompts))]

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from testlib import assert_same_or_near_tie, tiny_model_config
+from testlib import assert_same_or_near_tie, drive_with_arrivals, tiny_model_config
 
 import jaxinfer
 from jaxinfer.config import ConfigError
@@ -65,22 +65,6 @@ def _workload(rng, n):
   return prompts, [int(k) for k in rng.integers(4, 16, size=n)]
 
 
-def _drive(engine, prompts, news, rng, sampling):
-  index_of, got, arrived, steps = {}, {}, 0, 0
-  while arrived < len(prompts) or engine.has_unfinished():
-    if arrived < len(prompts) and rng.random() < 0.6:
-      index_of[engine.add_request(prompts[arrived], sampling[arrived], max_new_tokens=news[arrived])] = arrived
-      arrived += 1
-    if engine.num_running > 1 and rng.random() < 0.15:  # forced preemption
-      engine.preempt(engine.scheduler.running[int(rng.integers(0, engine.num_running))].request_id)
-    for out in engine._checked_step():
-      got.setdefault(index_of[out.request_id], []).extend(out.new_token_ids)
-    engine.check_pages()
-    steps += 1
-    assert steps < 500, "no progress"
-  return [got.get(i, []) for i in range(len(prompts))]
-
-
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_tree_verification_is_lossless_under_batching_caching_and_preemption(model, heads, temperature):
   rng = np.random.default_rng(zlib.crc32(f"medusa-{temperature}".encode()))
@@ -94,7 +78,7 @@ def test_tree_verification_is_lossless_under_batching_caching_and_preemption(mod
   moves = []
   move_slots = engine.runner.move_slots
   engine.runner.move_slots = lambda m: (moves.append(len(m)), move_slots(m))
-  got = _drive(engine, prompts, news, rng, sampling)
+  got = drive_with_arrivals(engine, prompts, news, rng, sampling)
   for i, (p, g, w) in enumerate(zip(prompts, got, want)):
     if temperature == 0:
       assert_same_or_near_tie(model, p, g, w, f"request {i}")

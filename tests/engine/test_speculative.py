@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from testlib import assert_same_or_near_tie, tiny_model_config
+from testlib import assert_same_or_near_tie, drive_with_arrivals, tiny_model_config
 
 import jaxinfer
 from jaxinfer.config import ConfigError
@@ -58,20 +58,9 @@ def test_greedy_matches_generate_under_batching_caching_and_preemption(model, dr
     fields["draft_model"] = model if name == "draft-same" else draft
   engine = Engine(model, speculative=jaxinfer.SpeculativeConfig(**fields), **SHAPE)
   prompts, news = _workload(rng, 7)
-  index_of, got, arrived, steps = {}, {}, 0, 0
-  while arrived < len(prompts) or engine.has_unfinished():
-    if arrived < len(prompts) and rng.random() < 0.6:  # random arrivals: prefills share steps with decodes
-      index_of[engine.add_request(prompts[arrived], max_new_tokens=news[arrived])] = arrived
-      arrived += 1
-    if engine.num_running > 1 and rng.random() < 0.15:  # forced preemption
-      engine.preempt(engine.scheduler.running[int(rng.integers(0, engine.num_running))].request_id)
-    for out in engine._checked_step():
-      got.setdefault(index_of[out.request_id], []).extend(out.new_token_ids)
-    engine.check_pages()
-    steps += 1
-    assert steps < 500, "no progress"
+  got = drive_with_arrivals(engine, prompts, news, rng)
   for i, (p, want) in enumerate(zip(prompts, _references(model, prompts, news))):
-    assert_same_or_near_tie(model, p, got.get(i, []), want, f"{name}: request {i}")
+    assert_same_or_near_tie(model, p, got[i], want, f"{name}: request {i}")
   st = engine.stats
   assert engine.check_pages()["in_use"] == 0
   assert st["spec_verify_steps"] > 0 and 0 <= st["spec_accepted_tokens"] <= st["spec_draft_tokens"]
