@@ -109,7 +109,7 @@ def measure(c: TensorParallelConfig, t: int) -> dict:
   host = StepBatch.empty(*shape, engine.pages_per_seq, runner.pool.num_slots)
 
   def step():  # the compiled decode step on a batch of padding (the pool is donated: keep the new one)
-    sampled, _, runner.pool = compiled(runner.state_leaves, runner.pool, runner.table, runner.prev_sampled, host)
+    sampled, _, runner.pool, _ = compiled(runner.state_leaves, runner.pool, runner.table, runner.prev_sampled, host)
     return sampled
 
   timing = time_call(step, warmup=1, repeats=c.repeats)
