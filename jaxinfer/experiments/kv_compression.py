@@ -465,7 +465,7 @@ def run(config) -> dict:
                   "scoring's own cost (same page-table width, same eviction programs); h2o / h2o_wide: the gain "
                   "of the narrow decode table (H2O's steps read ceil(budget / page_size) + 2 pages once every "
                   "request is within that; h2o_wide: the whole prompt's width); narrow steps: steps run on it "
-                  "(summed over the warm-up and timed rounds).",
+                  "(summed over every warm-up and timed run of the rounds).",
                   results.table_from(engine, [("setup", "setup", None), ("kept tokens", "budget", None),
                                               ("decode tok/s", "decode_tok_s", ".1f"),
                                               ("vs none", "vs_none", "{:.2f}x"),
