@@ -143,6 +143,7 @@ class BuiltStep:
   num_tokens: int
   shape: tuple[int, int, int, int]
   decode_only: bool = False  # one token per sequence at row s, no prefix groups: the decode-kernel program
+  table_pages: int | None = None  # page-table columns the step program reads (None: all of ModelRunner.table)
 
 
 class BatchBuilder:
@@ -154,8 +155,11 @@ class BatchBuilder:
   def __init__(self, *, max_batch_size: int, max_step_tokens: int, page_size: int, pages_per_seq: int,
                num_pages: int, min_token_bucket: int | None, min_seq_bucket: int, max_rows_per_seq: int,
                max_prefix_groups: int, shared_prefix_attention: bool, policy: KVPolicy | None = None,
-               tree_verification: bool = False):
+               tree_verification: bool = False, narrow_pages: int | None = None):
     self.page_size, self.pages_per_seq, self.num_pages = page_size, pages_per_seq, num_pages
+    if narrow_pages is not None and not 1 <= narrow_pages < pages_per_seq:
+      raise ValueError(f"narrow_pages={narrow_pages} must be in [1, pages_per_seq={pages_per_seq})")
+    self.narrow_pages = narrow_pages  # a second page-table width (KV policy decode_table_pages), or None
     self.num_slots = num_pages * page_size
     self.max_batch_size = max_batch_size
     self.decode_buckets = min_token_bucket is None  # decode-only steps padded to their sequence bucket
@@ -181,7 +185,20 @@ class BatchBuilder:
     bucket when decode-only steps are padded to their sequence bucket."""
     r = 1 + len(self.row_buckets)
     mixed = len(self.token_buckets) * len(self.seq_buckets) * r * len(self.group_buckets)
-    return mixed + (len(self.seq_buckets) if self.decode_buckets else 0)
+    return (mixed + (len(self.seq_buckets) if self.decode_buckets else 0)) * len(self.table_widths)
+
+  @property
+  def table_widths(self) -> tuple[int, ...]:
+    """Page-table widths a step program may be compiled for: the full one, and the narrow one if any."""
+    return (self.pages_per_seq,) + ((self.narrow_pages,) if self.narrow_pages else ())
+
+  def table_width(self, seqs) -> int:
+    """The step's page-table width: the narrow one when every sequence's pages fit in it, else the full one.
+    Pages past the width are never read (kv_len <= pages held x page_size), so the narrow program attends
+    exactly what the full one would."""
+    if self.narrow_pages and all(len(s.request.pages) <= self.narrow_pages for s in seqs):
+      return self.narrow_pages
+    return self.pages_per_seq
 
   def all_shapes(self):
     """Every ((T, S, R, G), decode_only) program a step can take (for warmup)."""
@@ -261,7 +278,8 @@ class BatchBuilder:
     request's newest token, for requests whose newest token the host does not know yet."""
     seqs = schedule.seqs
     shape = t_pad, s_pad, r_pad, g_pad = self.step_shape(schedule)
-    b = StepBatch.empty(t_pad, s_pad, r_pad, g_pad, self.pages_per_seq, self.num_slots, self.tree_pad)
+    width = self.table_width(seqs)
+    b = StepBatch.empty(t_pad, s_pad, r_pad, g_pad, width, self.num_slots, self.tree_pad)
     a, sm = b.attn, b.sampling
     members = 0
     table_update = self._sync_table(seqs)
@@ -317,4 +335,4 @@ class BatchBuilder:
       a = a.replace(num_tree_rows=np.int32(members))
     b = b.replace(attn=a.replace(num_seqs=np.int32(len(seqs))))
     decode_only = self.decode_buckets and offset == len(seqs) and not schedule.groups
-    return BuiltStep(b, seqs, sample_rows, table_update, offset, shape, decode_only)
+    return BuiltStep(b, seqs, sample_rows, table_update, offset, shape, decode_only, width)

@@ -67,12 +67,14 @@ class Engine:
     self.kv_policy = make_policy(ec.kv_policy, cfg, ec)  # None: every token keeps its slot
     if self.kv_policy is not None:
       self.pages_per_seq = self.kv_policy.table_pages(self.pages_per_seq)
+    # a KV policy's narrower table for steps whose sequences all fit (a second width of every step program)
+    narrow = None if self.kv_policy is None else self.kv_policy.decode_table_pages(self.pages_per_seq)
     self.builder = BatchBuilder(max_batch_size=ec.max_batch_size, max_step_tokens=ec.max_step_tokens,
                                 page_size=ec.page_size, pages_per_seq=self.pages_per_seq, num_pages=ec.num_pages,
                                 min_token_bucket=ec.min_token_bucket, min_seq_bucket=ec.min_seq_bucket,
                                 max_rows_per_seq=ec.max_rows_per_seq, max_prefix_groups=ec.max_prefix_groups,
                                 shared_prefix_attention=ec.enable_shared_prefix_attention, policy=self.kv_policy,
-                                tree_verification=self.tree_verification)
+                                tree_verification=self.tree_verification, narrow_pages=narrow)
     self.runner = ModelRunner(model, ec, max_rows=self.builder.max_rows, pages_per_seq=self.pages_per_seq,
                               kv_policy=self.kv_policy, row_head=self.row_head, tree_pad=self.builder.tree_pad)
     self.allocator = (PrefixCachingAllocator(ec.num_pages) if ec.enable_prefix_caching
@@ -102,7 +104,8 @@ class Engine:
     self.stats = {"steps": 0, "preemptions": 0, "scheduled_tokens": 0, "padded_tokens": 0, "generated_tokens": 0,
                   "partial_prefills": 0, "max_step_seqs": 0, "compile_seconds": 0.0, "shared_prefix_groups": 0,
                   "shared_prefix_seqs": 0, "shared_prefix_tokens_saved": 0, "host_seconds": 0.0,
-                  "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0}
+                  "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0,
+                  "narrow_table_steps": 0}  # steps run on the narrow page table (KV policy decode_table_pages)
     self.processor = OutputProcessor(self.scheduler, self.stats, self._finish, self.builder.policy.slot_mapping)
     log.info("engine: %d pages x %d tokens (%d layers), max_batch_size=%d, max_step_tokens=%d, max_model_len=%d, "
              "chunked_prefill=%s, prefix caching %s, shared-prefix attention %s, async scheduling %s; token "
@@ -293,7 +296,7 @@ class Engine:
       return None
     built = self.builder.build(schedule, self._prev_rows)
     compile_before = self.runner.compile_seconds
-    self.runner.maybe_compile_apart(built.shape, self.pages_per_seq, built.decode_only)
+    self.runner.maybe_compile_apart(built.shape, built.table_pages, built.decode_only)
     self.stats["compile_seconds"] = self.runner.compile_seconds
     want_logprobs = any(s.num_samples and s.request.sampling.logprobs for s in seqs)
     ps = self.page_size
@@ -311,6 +314,7 @@ class Engine:
       self.kv_policy.after_dispatch(schedule)  # evictions / compaction, before the next schedule
     self._prev_rows = {s.request.request_id: row + k - 1 for s, (row, k) in zip(seqs, built.sample_rows) if k}
     self.stats["steps"] += 1
+    self.stats["narrow_table_steps"] += built.table_pages != self.pages_per_seq
     self.stats["scheduled_tokens"] += built.num_tokens
     self.stats["padded_tokens"] += built.shape[0]
     self.stats["max_step_seqs"] = max(self.stats["max_step_seqs"], len(seqs))
@@ -362,8 +366,9 @@ class Engine:
     sampled is used). Returns how many programs were new."""
     self._drain()
     before = step_lib.compilation_count()
-    for shape, decode_only in self.builder.all_shapes():
-      self.runner.run_empty(shape, self.pages_per_seq, decode_only)
+    for width in self.builder.table_widths:
+      for shape, decode_only in self.builder.all_shapes():
+        self.runner.run_empty(shape, width, decode_only)
     return step_lib.compilation_count() - before
 
   # ------------------------------------------------------------------ drivers

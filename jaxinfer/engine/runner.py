@@ -101,6 +101,7 @@ class ModelRunner:
       self.pool = self.pool.replace(policy=kv_policy.init_state(self.pool.num_slots, cfg.max_batch_size,
                                                                 pages_per_seq * cfg.page_size))
     policy_rule = kv_policy.rule if kv_policy is not None else None
+    self.kv_policy = kv_policy
     self.max_rows = max_rows
     self.prev_sampled = jnp.zeros((max_rows,), jnp.int32)
     # decode-only steps (one token per sequence, no prefix groups) have programs of their own (decode kernel)
@@ -137,20 +138,31 @@ class ModelRunner:
     src[:len(copies)], dst[:len(copies)] = zip(*copies)
     self.pool = _copy_pages(self.pool, src, dst)
 
+  def table_view(self, pages_per_seq: int | None):
+    """The device page table as a step program of that width reads it: the first pages_per_seq columns
+    (the persistent table stays full width; a narrow step reads a slice of it)."""
+    if pages_per_seq is None or pages_per_seq == self.table.shape[1]:
+      return self.table
+    return self.table[:, :pages_per_seq]
+
   # ------------------------------------------------------------------ steps
   def run_empty(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
     """Compiles (and runs) the program of one step shape on a batch of padding: nothing is written."""
     batch = StepBatch.empty(*shape, pages_per_seq, self.pool.num_slots, self.tree_pad)
+    if self.kv_policy is not None:  # the policy's own arrays (its scores' row weights): the real steps' structure
+      batch = batch.replace(attn=batch.attn.replace(**self.kv_policy.step_arrays(shape[0], shape[1])))
     step = self._steps[decode_only]
-    sampled, _, self.pool, _ = step(self.state_leaves, self.pool, self.table, self.prev_sampled, batch,
-                                    *self._head_args)
+    sampled, _, self.pool, _ = step(self.state_leaves, self.pool, self.table_view(pages_per_seq), self.prev_sampled,
+                                    batch, *self._head_args)
     sampled.block_until_ready()
 
   def maybe_compile_apart(self, shape, pages_per_seq: int, decode_only: bool = False) -> None:
     """separate_compile: the first step of each shape is compiled in an empty step, timed apart."""
-    if (shape, decode_only) in self._shapes_seen:
+    full = pages_per_seq in (None, self.table.shape[1])  # a narrow table's programs are keyed by their width too
+    key = (shape, decode_only) if full else (shape, decode_only, pages_per_seq)
+    if key in self._shapes_seen:
       return
-    self._shapes_seen.add((shape, decode_only))
+    self._shapes_seen.add(key)
     if self.cfg.separate_compile:
       start = time.perf_counter()
       self.run_empty(shape, pages_per_seq, decode_only)
@@ -161,8 +173,8 @@ class ModelRunner:
       self.copy_pages(copies)
     self.apply_table_update(built.table_update)
     step = self._prob_step(built.decode_only) if want_probs else self._steps[built.decode_only]
-    sampled, logprobs, self.pool, extras = step(self.state_leaves, self.pool, self.table, self.prev_sampled,
-                                                built.batch, *self._head_args)
+    sampled, logprobs, self.pool, extras = step(self.state_leaves, self.pool, self.table_view(built.table_pages),
+                                                self.prev_sampled, built.batch, *self._head_args)
     self.prev_sampled = sampled
     for array in (sampled, *extras.values()) + ((logprobs,) if want_logprobs else ()):
       array.copy_to_host_async()

@@ -25,6 +25,8 @@ Parts:
             ratio to the no-policy engine in the same run); KV bytes per token = pages the request held at the
             end x page bytes / its tokens. "h2o_unscored" is H2O with its attention-mass scoring off on the same
             page-table width (kv_policies/h2o_unscored.py): h2o / h2o_unscored is the scoring's own cost.
+            "h2o_wide" is H2O without its narrow decode table (kv_policies/h2o_wide.py: every step reads the
+            whole prompt's page-table width): h2o / h2o_wide is what reading only the budget's pages gains.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from jaxinfer.experiments.sections import check, read
 from jaxinfer.experiments.timing import Case, compare
 
 POLICIES = ("streaming", "window_only", "snapkv", "h2o", "duo")
-ENGINE_POLICIES = ("streaming", "snapkv", "h2o", "h2o_unscored")
+ENGINE_POLICIES = ("streaming", "snapkv", "h2o", "h2o_unscored", "h2o_wide")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,7 @@ class KVCompressionConfig:
   retrieval_heads: float = 0.5
   probe_trials: int = 20
   engine_fractions: tuple[float, ...] = (0.1, 0.5)
-  engine_policies: tuple[str, ...] = ("streaming", "snapkv", "h2o", "h2o_unscored")
+  engine_policies: tuple[str, ...] = ("streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored")
   decode_prompt: int = 768
   decode_tokens: int = 32
   page_size: int = 16
@@ -320,7 +322,8 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
     made = dict(streaming=KVPolicyConfig(name="streaming", sink_tokens=s.sink_tokens, window=budget - s.sink_tokens),
                 snapkv=KVPolicyConfig(name="snapkv", window=w, budget=budget, pool_kernel=s.pool_kernel),
                 h2o=KVPolicyConfig(name="h2o", window=w, budget=budget),
-                h2o_unscored=KVPolicyConfig(name="h2o_unscored", window=w, budget=budget))
+                h2o_unscored=KVPolicyConfig(name="h2o_unscored", window=w, budget=budget),
+                h2o_wide=KVPolicyConfig(name="h2o_wide", window=w, budget=budget))
     for name in s.engine_policies:
       setups[f"{name}@{frac:g}"] = (made[name], None)
       if s.engine_kv_dtype and frac == s.engine_fractions[0] and name in s.engine_kv_policies:
@@ -353,7 +356,7 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
       pol = engine.kv_policy
       full = -(-total // s.page_size)
       held[key] = ((pol.max_pages[state["rid"]], pol.last_pages[state["rid"]], pol.stats["deferred_compactions"])
-                   if pol is not None else (full, full, 0))
+                   if pol is not None else (full, full, 0)) + (engine.stats["narrow_table_steps"],)
 
     return Case(fn, setup, teardown)
 
@@ -363,11 +366,11 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
     t = comparison.time(key)
     per_page = page_bytes(cfg, s.page_size, kv_dtype or "float32")  # the experiment's model runs in float32
     rows.append(dict(setup=key, policy=pol.name, kv_dtype=kv_dtype or "float32",
-                     budget=pol.budget if pol.name in ("snapkv", "h2o", "h2o_unscored") else (
+                     budget=pol.budget if pol.name in ("snapkv", "h2o", "h2o_unscored", "h2o_wide") else (
                          pol.sink_tokens + pol.window if pol.name == "streaming" else total),
                      decode_tok_s=(s.decode_tokens - 1) / t, vs_none=comparison.time("none") / t,
                      kv_bytes_per_token=held[key][1] * per_page / total, pages=held[key][1],
-                     peak_pages=held[key][0], deferred_compactions=held[key][2]))
+                     peak_pages=held[key][0], deferred_compactions=held[key][2], narrow_steps=held[key][3]))
     print("engine", rows[-1], flush=True)
   return rows
 
@@ -459,12 +462,16 @@ def run(config) -> dict:
                   "same run; KV bytes per token = pages held after the last step x page bytes (scales included) / "
                   "tokens; peak pages: the most held at once (SnapKV and H2O hold the whole prompt until it ends, "
                   "plus the compaction's copy). h2o / h2o_unscored at the same budget: the attention-mass "
-                  "scoring's own cost (same page-table width, same eviction programs).",
+                  "scoring's own cost (same page-table width, same eviction programs); h2o / h2o_wide: the gain "
+                  "of the narrow decode table (H2O's steps read ceil(budget / page_size) + 2 pages once every "
+                  "request is within that; h2o_wide: the whole prompt's width); narrow steps: steps run on it "
+                  "(summed over every warm-up and timed run of the rounds).",
                   results.table_from(engine, [("setup", "setup", None), ("kept tokens", "budget", None),
                                               ("decode tok/s", "decode_tok_s", ".1f"),
                                               ("vs none", "vs_none", "{:.2f}x"),
                                               ("pages", "pages", None), ("peak pages", "peak_pages", None),
                                               ("deferred compactions", "deferred_compactions", None),
+                                              ("narrow steps", "narrow_steps", None),
                                               ("KV bytes / token", "kv_bytes_per_token", ".0f")]))
     out.section("Against the papers' claims", "\n".join(f"- {who}: {claim}" for who, claim in CLAIMS))
     if quality and probe:

@@ -176,6 +176,7 @@ def accumulate_scores(score, probs, seq, valid, pol: PolicyStep, cache, table_sl
   """score [rows, L, H] += per sequence, the attention mass its weighted rows gave each logical slot."""
   s_pad = cache.kv_lens.shape[0]
   mass = probs.sum(axis=2) * jnp.where(valid, pol.weights, 0.0)[:, None, None]  # [T, H, L]
+  mass, table_slots = jnp.pad(mass, ((0, 0), (0, 0), (0, score.shape[1] - table_slots))), score.shape[1]  # narrow table
   per_seq = jax.ops.segment_sum(mass, seq, num_segments=s_pad).transpose(0, 2, 1)  # [S, L, H]
   q_len = cache.cu_q_lens[1:] - cache.cu_q_lens[:-1]
   j = jnp.arange(table_slots, dtype=jnp.int32)[None, :]

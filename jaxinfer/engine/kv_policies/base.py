@@ -8,6 +8,8 @@ policy is the same idea split where a paged engine needs it:
   on_step        after each dispatched step, per sequence: drop pages (StreamingLLM) or select + compact
                  slots on the device (SnapKV, H2O) and give the freed pages back to the allocator
   register_limit tokens whose pages the prefix cache may name (pages computed before any eviction only)
+  decode_table_pages  optional: a narrower page table for steps whose sequences all fit in it (H2O after
+                 compaction), a second compiled width of every step program
 A new policy is a subclass in its own file registered with @register("name") (registry.py).
 
 Layout: a request's pages hold `held` logical slots (slot i at page i // page_size, offset i % page_size);
@@ -51,6 +53,12 @@ class EvictionPolicy(KVPolicy):
   def table_pages(self, pages_per_seq: int) -> int:
     """Page-table width (most pages a request may hold at once)."""
     return pages_per_seq
+
+  def decode_table_pages(self, pages_per_seq: int) -> int | None:
+    """A narrower page-table width for steps whose every sequence holds at most that many pages (None: no
+    narrow program). The builder picks it per step (BatchBuilder.table_width), so a request above the bound
+    (a prefill, a deferred compaction) only sends its step to the full-width program."""
+    return None
 
   # ------------------------------------------------------------------ layout
   def held_tokens(self, request) -> int:

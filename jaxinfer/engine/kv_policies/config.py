@@ -63,6 +63,6 @@ class KVPolicyConfig:
     for row in self.head_classes:
       if not isinstance(row, str) or not row or set(row) - {"r", "s"}:
         raise _err("head_classes", f"each entry must be a non-empty string of 'r'/'s', got {row!r}")
-    if self.name in ("snapkv", "h2o", "h2o_unscored") and self.window >= self.budget:
+    if self.name in ("snapkv", "h2o", "h2o_unscored", "h2o_wide") and self.window >= self.budget:
       raise _err("window", f"{self.name}: window={self.window} must be < budget={self.budget} (the rest of the "
                  "budget holds the heavy hitters)")

@@ -7,7 +7,9 @@ the paged kernels are untouched). At the end of prefill a longer prompt is cut t
 recent, compacted into fresh pages, as SnapKV but with every prompt query's mass); then each decode step
 that takes the request over the budget evicts, per (layer, kv head), the live slot older than the window
 with the least accumulated mass (its position becomes -1 for that head: masked from then on). Holes are
-compacted away every page_size evictions, so a request holds at most ceil(budget / page_size) + 2 pages.
+compacted away every page_size evictions, so a request holds at most ceil(budget / page_size) + 2 pages:
+decode_table_pages gives that bound, so steps whose requests are all within it read only that many pages
+(the prompt's prefill, and a request whose compaction was deferred, run the full-width program).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class H2OPolicy(EvictionPolicy):
     self.prefill_select = functools.partial(device.h2o_select, window=config.window, keep=config.budget)
     self.live_select = functools.partial(device.live_select, keep=config.budget)
     self.visible: dict[int, int] = {}  # request id -> slots each (layer, head) still sees
+    self.uncut: set[int] = set()  # requests whose cut to the budget at the end of prefill was deferred
+
+  def decode_table_pages(self, pages_per_seq: int) -> int | None:
+    # after compaction: the budget's pages, plus up to page_size - 1 evicted holes and this step's token
+    bound = -(-self.config.budget // self.page_size) + 2
+    return bound if bound < pages_per_seq else None
 
   def row_weights(self, request, positions: np.ndarray) -> np.ndarray:
     return np.ones(positions.shape, np.float32)
@@ -41,14 +49,21 @@ class H2OPolicy(EvictionPolicy):
   def forget(self, request) -> None:
     super().forget(request)
     self.visible.pop(request.request_id, None)
+    self.uncut.discard(request.request_id)
 
   def on_step(self, request, seq) -> None:
     rid, budget = request.request_id, self.config.budget
     visible = self.visible.get(rid, seq.start) + seq.num_tokens
     end = seq.start + seq.num_tokens
-    if end == self.prefill_end[rid] and visible > budget and rid not in self.evicted:
+    first_cut = end == self.prefill_end[rid] and rid not in self.evicted
+    if (first_cut or rid in self.uncut) and visible > budget:
+      # the prompt's cut to the budget; deferred (no free pages for the copy): nothing is evicted meanwhile
+      # and each later step tries again, with the decode rows' mass added to the scores
       if self.compact_into_fresh_pages(request, budget, self.prefill_select):
         visible = budget
+        self.uncut.discard(rid)
+      else:
+        self.uncut.add(rid)
     elif end > self.prefill_end[rid] and visible > budget:
       row = self.runner_row(request)
       self.runner.pool = device.h2o_evict(self.runner.pool, np.int32(row), self.logical_slots(request.pages),
@@ -56,5 +71,8 @@ class H2OPolicy(EvictionPolicy):
       self.evicted.add(rid)
       visible -= 1
     self.visible[rid] = visible
-    if self.held[rid] - visible >= self.page_size:
+    if self.held[rid] - visible >= self.page_size:  # holes left by evictions: only once cut, visible == budget
+      if visible != budget:
+        raise RuntimeError(f"request {rid}: {self.held[rid] - visible} holes with {visible} slots visible "
+                           f"(budget {budget})")
       self.compact_into_fresh_pages(request, visible, self.live_select)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import importlib
 
 _POLICIES: dict = {}
-_BUILTIN = ("streaming", "snapkv", "h2o", "h2o_unscored", "duo")  # modules under jaxinfer/engine/kv_policies/
+_BUILTIN = ("streaming", "snapkv", "h2o", "h2o_unscored", "duo",
+            "h2o_wide")  # modules under jaxinfer/engine/kv_policies/
 
 
 def register(name: str):
