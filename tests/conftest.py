@@ -32,7 +32,7 @@ LONG_FIRST = ("parallel/test_multihost.py", "parallel/test_tensor_parallel.py", 
               "parallel/test_ring_attention.py", "experiments/test_moe_smoke.py", "train/test_resume.py",
               "train/test_relative_workdir.py", "engine/test_speculative.py", "models/test_moe_hf_parity.py",
               "models/test_moe_serving.py", "engine/test_speculative_lossless.py", "train/test_save_failure.py",
-              "train/test_cli.py", "experiments/test_quantization_smoke.py", "parallel/test_expert_parallel.py",
+              "experiments/test_quantization_smoke.py", "parallel/test_expert_parallel.py",
               "experiments/test_kv_compression_smoke.py", "experiments/test_speculative_smoke.py",
               "engine/test_kv_policy.py", "engine/test_kv_quantization.py", "pallas_kernels/test_paged_attention.py",
               "engine/test_medusa_engine.py", "train/test_medusa.py", "engine/test_kv_policy_quant.py")

@@ -96,12 +96,14 @@ def test_proposer_gets_the_heads_top_k_at_the_newest_tokens_row(model, heads):
   engine = Engine(model, speculative=_medusa(heads), **SHAPE)
   rid = engine.add_request(prompt, max_new_tokens=20)
   medusa = engine.scheduler.proposer.inner
+  graphdef, state = nnx.split((model, heads))  # one jit per length (eagerly every op compiles on its own)
+  last_row = jax.jit(lambda st, t: (lambda m, h: h(m(t, return_hidden=True)[:, -1]))(*nnx.merge(graphdef, st)))
   for _ in range(2):  # after the prefill, then after a verification step
     engine.step()
     request = engine._requests[rid]
     tokens = request.prompt + request.output
-    hidden = model(np.asarray([tokens[:-1]]), return_hidden=True)[0, -1]  # the row that sampled tokens[-1]
-    logits = np.asarray(heads(hidden[None]))[0, :2]  # the tree's two levels
+    # the heads at the row that sampled tokens[-1], the tree's two levels
+    logits = np.asarray(last_row(state, np.asarray([tokens[:-1]])))[0, :2]
     count, guesses = medusa.guesses[rid]
     assert count == len(tokens)
     for d in range(2):  # the same top-k (a near-tie may swap two neighbours' order)

@@ -3,7 +3,6 @@ sharded over an expert axis of 4 (the model's blocks dispatch with all-to-all)."
 
 import jax
 import numpy as np
-import pytest
 from flax import nnx
 
 import jaxinfer
@@ -25,19 +24,22 @@ def _run(engine, prompts, new):
   return [got[i] for i in range(len(prompts))]
 
 
-@pytest.mark.parametrize("expert_axis", [1, 4])
-def test_engine_matches_generate(expert_axis):
+def test_engine_matches_generate():
+  # one model and one reference decode serve both layouts (each of them would build and decode the same)
   cfg = tiny_model_config(model_type="qwen2_moe", num_experts=4, num_experts_per_tok=2, norm_topk_prob=False,
                           moe_intermediate_size=32, shared_expert_intermediate_size=48)
   model = jaxinfer.init_model(cfg, seed=1)
   rng = np.random.default_rng(4)
   prompts = [rng.integers(0, cfg.vocab_size, size=n).tolist() for n in (7, 1, 12, 4)]
   want = jaxinfer.generate(model, prompts, max_new_tokens=9)
-  if expert_axis > 1:
-    mesh = create_mesh(dict(expert=expert_axis), devices=jax.devices()[:expert_axis])
-    graphdef, state = nnx.split(model)
-    model = use_expert_parallel(nnx.merge(graphdef, jax.device_put(state, state_shardings(state, DEFAULT_RULES,
-                                                                                          mesh))), mesh)
-    assert jaxinfer.generate(model, prompts, max_new_tokens=9) == want
-  engine = Engine(model, max_batch_size=4, page_size=4, num_pages=32, max_step_tokens=16, min_token_bucket=8)
-  assert _run(engine, prompts, 9) == want
+  # every step one padded shape (16 tokens): one step program per layout; the 24 prompt tokens still take two
+  # chunked-prefill steps
+  shape = dict(max_batch_size=4, page_size=4, num_pages=32, max_step_tokens=16, min_token_bucket=16)
+  assert _run(Engine(model, **shape), prompts, 9) == want, "one device"
+
+  mesh = create_mesh(dict(expert=4), devices=jax.devices()[:4])
+  graphdef, state = nnx.split(model)
+  sharded = use_expert_parallel(nnx.merge(graphdef, jax.device_put(state, state_shardings(state, DEFAULT_RULES,
+                                                                                           mesh))), mesh)
+  assert jaxinfer.generate(sharded, prompts, max_new_tokens=9) == want, "generate, expert axis 4"
+  assert _run(Engine(sharded, **shape), prompts, 9) == want, "engine, expert axis 4"
