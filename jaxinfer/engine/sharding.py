@@ -43,6 +43,10 @@ class EngineSharding:
   def pool_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(None, None, self.heads, None))
 
+  def heads_spec(self, axis: int) -> P:
+    """A PartitionSpec splitting array axis `axis` (a kv-head or head axis) like the pool's kv heads."""
+    return P(*(None,) * axis, self.heads)
+
 
 def _spec_axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
@@ -78,6 +82,25 @@ def create_pool(create, sharding: EngineSharding | None):
   replicated = NamedSharding(sharding.mesh, P())
   out = jax.tree.map(lambda x: pool_s if x.ndim == 4 else replicated, abstract)
   return jax.jit(create, out_shardings=out)()
+
+
+def shard_policy_state(pool, sharding: EngineSharding | None):
+  """The pool with its KV policy's device state (kv_policies/attention.py PolicyState) split on kv heads like
+  the pages, so each shard's masked pass and device programs read only their own heads' positions and scores."""
+  if sharding is None or pool.policy is None:
+    return pool
+  if sharding.kv_repeat > 1:  # the policy state has one column per model kv head, the pool kv_repeat of them
+    from jaxinfer.config.schema import ConfigError
+
+    raise ConfigError(f"engine.kv_policy.name: a KV policy on a model sharded over {sharding.head_axes} needs "
+                      f"num_kv_heads divisible by their size (the pool repeats each kv head {sharding.kv_repeat} "
+                      "times here); use fewer tensor devices or name='none'")
+  from jaxinfer.engine.kv_policies.attention import STATE_HEAD_AXIS
+
+  st = pool.policy
+  put = {name: tuple(jax.device_put(x, NamedSharding(sharding.mesh, sharding.heads_spec(axis)))
+                     for x in getattr(st, name)) for name, axis in STATE_HEAD_AXIS.items()}
+  return pool.replace(policy=st.replace(**put))
 
 
 def repeat_kv(sharding: EngineSharding | None, k):
