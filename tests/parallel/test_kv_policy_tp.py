@@ -1,5 +1,5 @@
-"""KV policies on a Megatron tensor-parallel model (8 forced host devices): every policy on tensor=2 (and
-tensor=2 x data=2) against the same engine on one device with the same float32 checkpoint: greedy tokens
+"""KV policies on a Megatron tensor-parallel model (8 forced host devices): every policy on tensor=2 (H2O on
+tensor=2 x data=2, SnapKV on int8) against the same engine on one device with the same float32 checkpoint: greedy tokens
 identical, log p within 1e-4, and the slots each (layer, kv head) keeps after every step identical; the pool's
 pages, scales and the policy's state stay split on kv heads after the compactions, and the compiled compaction
 and eviction programs hold no collective (each shard moves its own heads only)."""
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
+from jaxinfer.engine.batch import StepBatch
 from jaxinfer.engine.kv_policies import KVPolicyConfig
 from jaxinfer.engine.kv_policies import device as D
 from jaxinfer.generation.sampling import SamplingParams
@@ -32,10 +33,10 @@ POLICIES = {
     "h2o_unscored": dict(name="h2o_unscored", window=6, budget=20),
     "duo": dict(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr")),
 }
-CASES = [  # (policy, mesh, kv_cache_dtype): every policy on tensor=2; H2O (compaction + eviction) on an int8
-    # pool with per-channel keys (requantized by the compaction) on tensor=2 x data=2
-    ("streaming", "tensor2", None), ("snapkv", "tensor2", None), ("h2o", "tensor2", None),
-    ("h2o_unscored", "tensor2", None), ("duo", "tensor2", None), ("h2o", "tensor2_data2", "int8"),
+CASES = [  # (policy, mesh, kv_cache_dtype): every policy on tensor=2, H2O on tensor=2 x data=2, and SnapKV on an
+    # int8 pool with per-channel keys (its compaction requantizes them; its decode kernel reads the scales)
+    ("streaming", "tensor2", None), ("snapkv", "tensor2", "int8"), ("h2o", "tensor2_data2", None),
+    ("h2o_unscored", "tensor2", None), ("duo", "tensor2", None),
 ]
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
 
@@ -129,6 +130,16 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
                            select=engine.kv_policy.prefill_select, keep=20, heads=heads)
     _assert_no_collectives(D._h2o_evict, pool, np.int32(0), slots, np.int32(30), np.int32(30), window=6,
                            heads=heads)
+    # the step programs (prefill and decode): no collective returns a whole pool, slot-position or score array
+    runner = engine.runner
+    whole = {f"[{','.join(map(str, x.shape))}]" for x in (pool.k[0], pool.policy.slot_pos[0], pool.policy.score[0])}
+    assert {decode for _, decode in runner._shapes_seen} == {False, True}
+    for shape, decode in runner._shapes_seen:
+      batch = StepBatch.empty(*shape, engine.pages_per_seq, pool.num_slots)
+      hlo = runner._steps[decode].lower(runner.state_leaves, pool, runner.table, runner.prev_sampled,
+                                        batch).compile().as_text()
+      moved = [line for line in hlo.splitlines() if COLLECTIVE.search(line) and any(w in line for w in whole)]
+      assert not moved, moved
 
 
 def test_policy_on_pool_with_repeated_kv_heads_is_refused(models, checkpoint):
