@@ -85,22 +85,27 @@ def create_pool(create, sharding: EngineSharding | None):
 
 
 def shard_policy_state(pool, sharding: EngineSharding | None):
-  """The pool with its KV policy's device state (kv_policies/attention.py PolicyState) split on kv heads like
-  the pages, so each shard's masked pass and device programs read only their own heads' positions and scores."""
+  """The pool with its KV policy's fresh device state (kv_policies/attention.py PolicyState, as the runner
+  just made it) split on kv heads like the pages, so each shard's masked pass and device programs read only
+  their own heads' positions and scores. Re-created under jit in that sharding, as create_pool does: each
+  device allocates only its shard, and every process of a multi-host mesh builds the same state."""
   if sharding is None or pool.policy is None:
     return pool
-  if sharding.kv_repeat > 1:  # the policy state has one column per model kv head, the pool kv_repeat of them
-    from jaxinfer.config.schema import ConfigError
-
-    raise ConfigError(f"engine.kv_policy.name: a KV policy on a model sharded over {sharding.head_axes} needs "
-                      f"num_kv_heads divisible by their size (the pool repeats each kv head {sharding.kv_repeat} "
-                      "times here); use fewer tensor devices or name='none'")
-  from jaxinfer.engine.kv_policies.attention import STATE_HEAD_AXIS
+  from jaxinfer.engine.kv_policies.attention import STATE_HEAD_AXIS, PolicyState
 
   st = pool.policy
-  put = {name: tuple(jax.device_put(x, NamedSharding(sharding.mesh, sharding.heads_spec(axis)))
-                     for x in getattr(st, name)) for name, axis in STATE_HEAD_AXIS.items()}
-  return pool.replace(policy=st.replace(**put))
+  layers, (slots, kv_heads), (rows, table_slots, _) = len(st.slot_pos), st.slot_pos[0].shape, st.score[0].shape
+  if sharding.kv_repeat > 1:  # the state has one column per model kv head, the pool kv_repeat of them
+    from jaxinfer.config.schema import ConfigError
+
+    raise ConfigError(f"engine.kv_policy.name: a KV policy on a model sharded over {sharding.head_axes} "
+                      f"(size {kv_heads * sharding.kv_repeat}) needs num_kv_heads={kv_heads} divisible by that "
+                      f"size (the pool repeats each kv head {sharding.kv_repeat} times); use fewer tensor devices "
+                      "or name='none'")
+  out = PolicyState(**{name: (NamedSharding(sharding.mesh, sharding.heads_spec(axis)),) * layers
+                       for name, axis in STATE_HEAD_AXIS.items()})
+  state = jax.jit(lambda: PolicyState.create(layers, slots, kv_heads, rows, table_slots), out_shardings=out)()
+  return pool.replace(policy=state)
 
 
 def repeat_kv(sharding: EngineSharding | None, k):

@@ -149,6 +149,6 @@ def test_policy_on_pool_with_repeated_kv_heads_is_refused(models, checkpoint):
 
   model = jaxinfer.load_hf(checkpoint, mesh=create_mesh({"tensor": 4, "data": 1}, jax.devices()[:4]))
   with pytest.raises(ConfigError, match=r"engine\.kv_policy\.name: a KV policy on a model sharded over \('tensor',\) "
-                                        r"needs num_kv_heads divisible"):
+                                        r"\(size 4\) needs num_kv_heads=2 divisible"):
     jaxinfer.Engine(model, max_batch_size=2, page_size=PS, max_model_len=64, kv_policy=KVPolicyConfig(
         **POLICIES["streaming"]))

@@ -134,7 +134,7 @@ def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
   decode kernel dequantizes the tiles it loads; the pool is never converted whole.
 
   On a sharded model (cache.sharding) the whole pass runs per shard under shard_map: the pages, scales, slot
-  positions and scores are split on kv heads like the pool (sharding.policy_state_sharding), q on its heads,
+  positions and scores are split on kv heads like the pool (sharding.shard_policy_state), q on its heads,
   and every head's mask, scores and output depend on that head only, so each shard reads its own heads' pages
   and positions and returns its heads' mass; the step's metadata is replicated."""
   pol, rule = cache.policy, cache.policy_rule
