@@ -20,18 +20,18 @@ from jaxinfer.generation.sampling import SamplingParams
 from parallel.mesh import create_mesh
 from testlib import tiny_model_config
 
-PS, STEP, PROMPT, NEW = 8, 16, 37, 12
+PS, STEP, PROMPT, NEW = 8, 16, 16, 12  # the prompt fills one step: one step shape per engine
 LOGPROB_ATOL = 1e-4
 # int8: the two engines' k/v agree to ~1e-6 (summation order), not bitwise, so a code on a rounding boundary
 # may land one step apart (a step is absmax / 127 of its page and channel)
 INT8_LOGPROB_ATOL = 1e-3
 MESHES = {"tensor2": {"tensor": 2, "data": 1}, "tensor2_data2": {"tensor": 2, "data": 2}}
 POLICIES = {
-    "streaming": dict(name="streaming", sink_tokens=4, window=12),
-    "snapkv": dict(name="snapkv", window=8, budget=24),
-    "h2o": dict(name="h2o", window=6, budget=20),
-    "h2o_unscored": dict(name="h2o_unscored", window=6, budget=20),
-    "duo": dict(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr")),
+    "streaming": dict(name="streaming", sink_tokens=4, window=8),
+    "snapkv": dict(name="snapkv", window=4, budget=10),
+    "h2o": dict(name="h2o", window=4, budget=10),
+    "h2o_unscored": dict(name="h2o_unscored", window=4, budget=10),
+    "duo": dict(name="duo", sink_tokens=4, window=8, head_classes=("rs", "sr")),
 }
 CASES = [  # (policy, mesh, kv_cache_dtype): every policy on tensor=2, H2O on tensor=2 x data=2, and SnapKV on an
     # int8 pool with per-channel keys (its compaction requantizes them; its decode kernel reads the scales)
@@ -60,7 +60,10 @@ def models(checkpoint):
 
 def _run(model, policy, dtype, prompts):
   """Greedy tokens and log p per prompt, and after every step the positions each (layer, kv head) holds."""
-  engine = jaxinfer.Engine(model, max_batch_size=2, page_size=PS, max_step_tokens=STEP, min_token_bucket=STEP,
+  # one step program (every step padded to STEP tokens), except SnapKV: its decode-only steps take the paged
+  # kernel (per shard), so they get their own program
+  bucket = None if policy.name == "snapkv" else STEP
+  engine = jaxinfer.Engine(model, max_batch_size=2, page_size=PS, max_step_tokens=STEP, min_token_bucket=bucket,
                            max_model_len=128, async_scheduling=False, kv_policy=policy, kv_cache_dtype=dtype)
   rids = [engine.add_request(p, SamplingParams(logprobs=True), max_new_tokens=NEW) for p in prompts]
   out, logp, kept = {r: [] for r in rids}, {r: [] for r in rids}, []
@@ -95,7 +98,7 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
   policy = KVPolicyConfig(**POLICIES[case])
   rng = np.random.default_rng(len(case) + len(mesh))
   vocab = models["one"].config.vocab_size
-  prompts = [rng.integers(1, vocab, PROMPT).tolist(), rng.integers(1, vocab, PROMPT - 9).tolist()]
+  prompts = [rng.integers(1, vocab, PROMPT).tolist()]
   want, want_logp, want_kept, _ = _run(models["one"], policy, dtype, prompts)
   got, got_logp, got_kept, engine = _run(models[mesh], policy, dtype, prompts)
 
@@ -112,7 +115,9 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
   # after the run (compactions / evictions included): pages, scales and policy state split on kv heads
   pool, stats = engine.runner.pool, engine.kv_policy.stats
   if case in ("snapkv", "h2o", "h2o_unscored"):
-    assert stats["compactions"] >= 2  # one per prompt at least
+    assert stats["compactions"] >= 1
+  if case == "snapkv":
+    assert any(decode for _, decode in engine.runner._shapes_seen)  # the paged decode kernel ran
   if case == "streaming":
     assert stats["evicted_pages"] >= 1
   for arrays, axis in ((pool.k, 2), (pool.v, 2), (pool.k_scales or (), 2), (pool.v_scales or (), 2),
@@ -126,14 +131,14 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
     slots = np.arange(width, dtype=np.int32)
     heads = D.pool_heads(pool)
     assert heads is not None
-    _assert_no_collectives(D._compact, pool, np.int32(0), slots, slots[:20], np.int32(30), np.int32(30),
-                           select=engine.kv_policy.prefill_select, keep=20, heads=heads)
-    _assert_no_collectives(D._h2o_evict, pool, np.int32(0), slots, np.int32(30), np.int32(30), window=6,
+    _assert_no_collectives(D._compact, pool, np.int32(0), slots, slots[:10], np.int32(20), np.int32(20),
+                           select=engine.kv_policy.prefill_select, keep=10, heads=heads)
+    _assert_no_collectives(D._h2o_evict, pool, np.int32(0), slots, np.int32(20), np.int32(20), window=4,
                            heads=heads)
-    # the step programs (prefill and decode): no collective returns a whole pool, slot-position or score array
+    # the step program: no collective returns a whole pool, slot-position or score array
     runner = engine.runner
     whole = {f"[{','.join(map(str, x.shape))}]" for x in (pool.k[0], pool.policy.slot_pos[0], pool.policy.score[0])}
-    assert {decode for _, decode in runner._shapes_seen} == {False, True}
+    assert runner._shapes_seen
     for shape, decode in runner._shapes_seen:
       batch = StepBatch.empty(*shape, engine.pages_per_seq, pool.num_slots)
       hlo = runner._steps[decode].lower(runner.state_leaves, pool, runner.table, runner.prev_sampled,
