@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.batch import BuiltStep, StepBatch, buckets, pick_bucket
 from jaxinfer.engine.kv_pool import KVPool
-from jaxinfer.engine.sharding import create_pool, engine_sharding, to_host
+from jaxinfer.engine.sharding import create_pool, engine_sharding, shard_policy_state, to_host
 
 _JITTED: dict = {}  # (graphdef, options) -> jitted step; engines of one model share compiled programs
 
@@ -94,12 +93,10 @@ class ModelRunner:
                             self.sharding)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)
-    if kv_policy is not None and self.sharding is not None:
-      raise ConfigError("engine.kv_policy: KV policies do not run on a sharded model yet (their masked attention "
-                        "path is not split over the mesh); use name='none' or one device")
     if kv_policy is not None:  # its device state lives in the pool (jaxinfer/engine/kv_policies/attention.py)
       self.pool = self.pool.replace(policy=kv_policy.init_state(self.pool.num_slots, cfg.max_batch_size,
                                                                 pages_per_seq * cfg.page_size))
+      self.pool = shard_policy_state(self.pool, self.sharding)  # split on kv heads like the pages
     policy_rule = kv_policy.rule if kv_policy is not None else None
     self.kv_policy = kv_policy
     self.max_rows = max_rows

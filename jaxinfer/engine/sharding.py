@@ -43,6 +43,10 @@ class EngineSharding:
   def pool_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P(None, None, self.heads, None))
 
+  def heads_spec(self, axis: int) -> P:
+    """A PartitionSpec splitting array axis `axis` (a kv-head or head axis) like the pool's kv heads."""
+    return P(*(None,) * axis, self.heads)
+
 
 def _spec_axes(entry) -> tuple[str, ...]:
   return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
@@ -78,6 +82,30 @@ def create_pool(create, sharding: EngineSharding | None):
   replicated = NamedSharding(sharding.mesh, P())
   out = jax.tree.map(lambda x: pool_s if x.ndim == 4 else replicated, abstract)
   return jax.jit(create, out_shardings=out)()
+
+
+def shard_policy_state(pool, sharding: EngineSharding | None):
+  """The pool with its KV policy's fresh device state (kv_policies/attention.py PolicyState, as the runner
+  just made it) split on kv heads like the pages, so each shard's masked pass and device programs read only
+  their own heads' positions and scores. Re-created under jit in that sharding, as create_pool does: each
+  device allocates only its shard, and every process of a multi-host mesh builds the same state."""
+  if sharding is None or pool.policy is None:
+    return pool
+  from jaxinfer.engine.kv_policies.attention import STATE_HEAD_AXIS, PolicyState
+
+  st = pool.policy
+  layers, (slots, kv_heads), (rows, table_slots, _) = len(st.slot_pos), st.slot_pos[0].shape, st.score[0].shape
+  if sharding.kv_repeat > 1:  # the state has one column per model kv head, the pool kv_repeat of them
+    from jaxinfer.config.schema import ConfigError
+
+    raise ConfigError(f"engine.kv_policy.name: a KV policy on a model sharded over {sharding.head_axes} "
+                      f"(size {kv_heads * sharding.kv_repeat}) needs num_kv_heads={kv_heads} divisible by that "
+                      f"size (the pool repeats each kv head {sharding.kv_repeat} times); use fewer tensor devices "
+                      "or name='none'")
+  out = PolicyState(**{name: (NamedSharding(sharding.mesh, sharding.heads_spec(axis)),) * layers
+                       for name, axis in STATE_HEAD_AXIS.items()})
+  state = jax.jit(lambda: PolicyState.create(layers, slots, kv_heads, rows, table_slots), out_shardings=out)()
+  return pool.replace(policy=state)
 
 
 def repeat_kv(sharding: EngineSharding | None, k):

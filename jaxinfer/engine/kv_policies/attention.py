@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
 from jaxinfer.engine import kv_quant
@@ -42,6 +43,12 @@ class PolicyState:
   def create(cls, num_layers: int, num_slots: int, kv_heads: int, rows: int, table_slots: int):
     return cls(slot_pos=tuple(jnp.full((num_slots, kv_heads), -1, jnp.int32) for _ in range(num_layers)),
                score=tuple(jnp.zeros((rows, table_slots, kv_heads), jnp.float32) for _ in range(num_layers)))
+
+
+# the kv-head axis of each per-layer array of the policy pass (its inputs by name, and PolicyState's fields):
+# on a sharded model every one of them is split there (sharding.heads_spec)
+STATE_HEAD_AXIS = {"slot_pos": 1, "score": 2}
+HEAD_AXIS = dict(q=1, k=1, v=1, kp=2, vp=2, ks=2, vs=2, stream=0, **STATE_HEAD_AXIS)
 
 
 @struct.dataclass
@@ -81,22 +88,24 @@ def _rotate(x, angle_pos, inv_freq):
   return x * cos + rotated * sin
 
 
-def visibility(key_pos, q_pos, kv_len, rule: MaskRule, layer: int, sliding_window=None):
-  """[T, L, H] bool: key slot l (holding key_pos [T, L, H]) visible to query row t at q_pos [T]."""
+def visibility(key_pos, q_pos, kv_len, rule: MaskRule, layer: int, sliding_window=None, stream_heads=None):
+  """[T, L, H] bool: key slot l (holding key_pos [T, L, H]) visible to query row t at q_pos [T].
+  stream_heads [H] bool: these H heads' streaming flags (one shard's); None: the rule's for the layer."""
   j = jnp.arange(key_pos.shape[1], dtype=jnp.int32)[None, :, None]
   p = q_pos[:, None, None]
   vis = (j < kv_len[:, None, None]) & (key_pos >= 0) & (key_pos <= p)
   if rule.window is not None:
     stream = (key_pos < rule.sinks) | (p - key_pos < rule.window)
-    heads = rule.streams(layer)
+    heads = rule.streams(layer) if stream_heads is None else stream_heads
     vis = vis & (stream if heads is None else (stream | ~jnp.asarray(heads)[None, None, :]))
   if sliding_window is not None:
     vis = vis & (p - key_pos < sliding_window)
   return vis
 
 
-def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int):
-  """Attention probabilities [T, H, G, L] float32 of q [T, H*G, d] over keys k [T, L, H, d] where vis."""
+def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int, stream_heads=None):
+  """Attention probabilities [T, H, G, L] float32 of q [T, H*G, d] over keys k [T, L, H, d] where vis
+  (stream_heads: as in `visibility`)."""
   t, heads, d = q.shape
   h = k.shape[2]
   qg = q.astype(jnp.float32).reshape(t, h, heads // h, d)
@@ -107,7 +116,7 @@ def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int):
     delta = jnp.maximum(q_pos - rule.window + 1 - rule.sinks, 0)
     s_sink = jnp.einsum("thgd,tlhd->thgl", _rotate(qg, -delta, rule.inv_freq), kf) * scale
     sink = (key_pos < rule.sinks).transpose(0, 2, 1)[:, :, None, :]
-    heads_mask = rule.streams(layer)
+    heads_mask = rule.streams(layer) if stream_heads is None else stream_heads
     if heads_mask is not None:
       sink = sink & jnp.asarray(heads_mask)[None, :, None, None]
     s = jnp.where(sink, s_sink, s)
@@ -122,42 +131,69 @@ def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
 
   A quantized pool (cache.k_scales set) is written with kv_quant.store (quantize on write) and read as
   codes: the masked pass dequantizes only the pages it gathers for the step's sequences (gather_pages), the
-  decode kernel dequantizes the tiles it loads; the pool is never converted whole."""
+  decode kernel dequantizes the tiles it loads; the pool is never converted whole.
+
+  On a sharded model (cache.sharding) the whole pass runs per shard under shard_map: the pages, scales, slot
+  positions and scores are split on kv heads like the pool (sharding.shard_policy_state), q on its heads,
+  and every head's mask, scores and output depend on that head only, so each shard reads its own heads' pages
+  and positions and returns its heads' mass; the step's metadata is replicated."""
   pol, rule = cache.policy, cache.policy_rule
-  if cache.k_scales is None:
-    kp, vp = store(cache.k_pages[layer], cache.v_pages[layer], cache.slots, k[0], v[0])
-    ks = vs = None
-  else:
-    kp, vp, ks, vs = kv_quant.store(cache.k_pages[layer], cache.v_pages[layer], cache.k_scales[layer],
-                                    cache.v_scales[layer], cache.slots, k[0], v[0])
+  stream = rule.streams(layer)
+  split = dict(q=q[0], k=k[0], v=v[0], kp=cache.k_pages[layer], vp=cache.v_pages[layer],
+               slot_pos=pol.state.slot_pos[layer], score=pol.state.score[layer])
+  if cache.k_scales is not None:
+    split.update(ks=cache.k_scales[layer], vs=cache.v_scales[layer])
+  if stream is not None:
+    split.update(stream=jnp.asarray(stream))
+  bare = cache.replace(k_pages=(), v_pages=(), k_scales=None, v_scales=None, policy=pol.replace(state=None))
   pos = positions[0].astype(jnp.int32)
-  hkv = kp.shape[2]
-  slot_pos = pol.state.slot_pos[layer].at[cache.slots].set(jnp.broadcast_to(pos[:, None], (pos.shape[0], hkv)),
-                                                           mode="drop")
-  score = pol.state.score[layer]
+  fn = lambda meta, p, arrays: _attend_local(meta, layer, p, sliding_window, **arrays)  # noqa: E731
+  if cache.sharding is None:
+    out, layer_kv = fn(bare, pos, split)
+  else:
+    specs = {name: cache.sharding.heads_spec(HEAD_AXIS[name]) for name in split}
+    out_specs = (specs["q"], tuple(specs.get(n, P()) for n in ("kp", "vp", "slot_pos", "score", "ks", "vs")))
+    out, layer_kv = jax.shard_map(fn, mesh=cache.sharding.mesh, in_specs=(P(), P(), specs), out_specs=out_specs,
+                                  check_vma=False)(bare, pos, split)
   b, t, heads, d = q.shape
+  return out.reshape(b, t, heads, d).astype(q.dtype), layer_kv
+
+
+def _attend_local(cache, layer: int, pos, sliding_window, *, q, k, v, kp, vp, slot_pos, score, ks=None, vs=None,
+                  stream=None):
+  """The policy pass over the heads given (all of them, or one shard's): q [T, H*G, d], new k/v [T, H, d],
+  this layer's pages / scales / slot positions / scores with H kv heads. -> (out [T, H*G, d],
+  (kp, vp, slot_pos, score, ks, vs) updated)."""
+  pol, rule = cache.policy, cache.policy_rule
+  if ks is None:
+    kp, vp = store(kp, vp, cache.slots, k, v)
+  else:
+    kp, vp, ks, vs = kv_quant.store(kp, vp, ks, vs, cache.slots, k, v)
+  hkv = kp.shape[2]
+  slot_pos = slot_pos.at[cache.slots].set(jnp.broadcast_to(pos[:, None], (pos.shape[0], hkv)), mode="drop")
+  t, heads, d = q.shape
   if rule.kernel_decode and cache.decode_only:
     quant = {} if ks is None else dict(k_scales=ks, v_scales=vs)
     kq, vq = (kp.astype(q.dtype), vp.astype(q.dtype)) if ks is None else (kp, vp)
-    out = pallas_kernels.paged_attention(q[0], kq, vq, cache.page_table, cache.kv_lens,
+    out = pallas_kernels.paged_attention(q, kq, vq, cache.page_table, cache.kv_lens,
                                          sliding_window=sliding_window, implementation=cache.attention_impl,
                                          interpret=cache.interpret, **quant)
-    return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score, ks, vs)
+    return out, (kp, vp, slot_pos, score, ks, vs)
   from jaxinfer.engine.paged_cache import token_sequence
 
-  ps, pt = cache.page_size, cache.page_table
+  ps, pt = kp.shape[1], cache.page_table
   s_pad, width = pt.shape
   seq, valid = token_sequence(cache.cu_q_lens, cache.num_seqs, t)
   kg = gather_pages(kp, ks, pt, seq)  # [T, L, H, d]
   vg = gather_pages(vp, vs, pt, seq)
   key_pos = slot_pos.reshape(-1, ps, hkv)[pt].reshape(s_pad, width * ps, hkv)[seq]  # [T, L, H]
   kv_len = jnp.where(valid, cache.kv_lens[seq], 0)
-  vis = visibility(key_pos, pos, kv_len, rule, layer, sliding_window)
-  probs = masked_probs(q[0], kg, key_pos, pos, vis, rule, layer)
+  vis = visibility(key_pos, pos, kv_len, rule, layer, sliding_window, stream_heads=stream)
+  probs = masked_probs(q, kg, key_pos, pos, vis, rule, layer, stream_heads=stream)
   out = jnp.einsum("thgl,tlhd->thgd", probs, vg.astype(jnp.float32)).reshape(t, heads, d)
   if rule.scores:
     score = accumulate_scores(score, probs, seq, valid, pol, cache, width * ps)
-  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, slot_pos, score, ks, vs)
+  return out, (kp, vp, slot_pos, score, ks, vs)
 
 
 def gather_pages(pages, scales, page_table, seq):
