@@ -142,9 +142,12 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
     runner = engine.runner
     whole = {f"[{','.join(map(str, x.shape))}]" for x in (pool.k[0], pool.policy.slot_pos[0], pool.policy.score[0])}
     assert runner._shapes_seen
-    for shape, decode in runner._shapes_seen:
-      batch = StepBatch.empty(*shape, engine.pages_per_seq, pool.num_slots)
-      hlo = runner._steps[decode].lower(runner.state_leaves, pool, runner.table, runner.prev_sampled,
+    for key in runner._shapes_seen:  # (shape, decode_only) or, on the narrow page table, (..., width)
+      shape, decode = key[:2]
+      width = key[2] if len(key) > 2 else engine.pages_per_seq
+      batch = StepBatch.empty(*shape, width, pool.num_slots)
+      batch = batch.replace(attn=batch.attn.replace(**engine.kv_policy.step_arrays(shape[0], shape[1])))
+      hlo = runner._steps[decode].lower(runner.state_leaves, pool, runner.table_view(width), runner.prev_sampled,
                                         batch).compile().as_text()
       moved = [line for line in hlo.splitlines() if COLLECTIVE.search(line) and any(w in line for w in whole)]
       assert not moved, moved
