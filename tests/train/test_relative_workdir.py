@@ -6,6 +6,7 @@ export, plot, report, samples), then the same command is run again (in this proc
 nothing left to train) and with more steps (resumes from step 20, a relative tokenizer path resolved too)."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,9 @@ def test_relative_workdir_trains_exports_and_resumes(tmp_path, subprocess_env, m
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 20
 
   # with more steps it resumes from step 20; a relative tokenizer path is resolved too
+  # an experiment driver run earlier in this process (same xdist worker) may have raised the jaxinfer logger's
+  # level to WARNING; the CLI's log output is what is checked, so put it back for this call
+  monkeypatch.setattr(logging.getLogger("jaxinfer"), "level", logging.NOTSET)
   code = main(["jaxinfer", *args, "--config.train.steps=30", "--config.data.tokenizer=results/tiny/tokenizer.json"])
   assert code == 0
   err = capsys.readouterr().err
