@@ -24,6 +24,7 @@ from typing import Iterator, Sequence
 
 from jaxinfer.engine import step as step_lib
 from jaxinfer.engine.allocator import PageAllocator
+from jaxinfer.engine.kv_policies.budget import policy_budget
 from jaxinfer.engine.kv_policies.registry import make_policy
 from jaxinfer.engine.batch import BatchBuilder
 from jaxinfer.engine.config import EngineConfig
@@ -53,7 +54,7 @@ class Engine:
   def __init__(self, model, config: EngineConfig | None = None, *, proposer=None, **overrides):
     cfg = model.config
     self.config = cfg  # the model's config
-    self.engine_config = EngineConfig.from_kwargs(config, **overrides).resolve(cfg)
+    self.engine_config = policy_budget(EngineConfig.from_kwargs(config, **overrides), cfg).resolve(cfg)
     ec = self.engine_config
     self.probs_for = None  # seq -> bool: steps holding such a sequence also return row distributions
     self.row_head = None  # step.RowHead run on every step's sampled rows (Medusa heads)

@@ -30,9 +30,10 @@ class KVPool:
 
   @classmethod
   def create(cls, model_config, num_pages: int, page_size: int, dtype=None, track_positions: bool = False,
-             kv_repeat: int = 1, key_granularity: str = "per_channel"):
+             kv_repeat: int = 1, key_granularity: str = "per_channel", layer_kv_heads: tuple | None = None):
     """Zeroed pools; dtype int8 / float8_e4m3fn makes a quantized pool (scales per key_granularity).
-    kv_repeat > 1: each KV head stored that many times (a pool sharded over more devices than KV heads)."""
+    kv_repeat > 1: each KV head stored that many times (a pool sharded over more devices than KV heads).
+    layer_kv_heads: kv heads held per layer, when a KV policy keeps only some in the pages (duo; may be 0)."""
     from jaxinfer.engine import kv_quant
 
     dtype = jnp.dtype(dtype or model_config.dtype)
@@ -43,6 +44,9 @@ class KVPool:
     if dtype.name in kv_quant.QMAX:
       ks, vs = kv_quant.scale_shapes(*shape, key_granularity)
       k_scales, v_scales = zeros(ks, jnp.float32), zeros(vs, jnp.float32)
+    if layer_kv_heads is not None:  # full-precision only (the policy refuses quantized pools)
+      zeros = lambda shape, dt: tuple(jnp.zeros(shape[:2] + (h * kv_repeat,) + shape[3:], dt)  # noqa: E731
+                                      for h in layer_kv_heads)
     return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scales=k_scales, v_scales=v_scales,
                positions=positions)
 

@@ -86,10 +86,12 @@ class ModelRunner:
     # a sharded model: the pool sharded by kv heads, attention per shard (jaxinfer/engine/sharding.py)
     self.sharding = engine_sharding(model)
     repeat = self.sharding.kv_repeat if self.sharding is not None else 1
+    heads = None if kv_policy is None else kv_policy.layer_kv_heads(self.sharding)  # duo: retrieval heads only
     self.pool = create_pool(lambda: KVPool.create(model.config, cfg.num_pages, cfg.page_size,
                                                   cfg.kv_cache_dtype or cfg.kv_dtype,
                                                   track_positions=cfg.track_slot_positions, kv_repeat=repeat,
-                                                  key_granularity=cfg.kv_quant_key_granularity),
+                                                  key_granularity=cfg.kv_quant_key_granularity,
+                                                  layer_kv_heads=heads),
                             self.sharding)
     self.max_batch_size = cfg.max_batch_size
     self.table = jnp.zeros((cfg.max_batch_size, pages_per_seq), jnp.int32)

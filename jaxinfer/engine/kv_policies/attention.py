@@ -138,6 +138,8 @@ def policy_attend(cache, layer: int, q, k, v, positions, sliding_window):
   and every head's mask, scores and output depend on that head only, so each shard reads its own heads' pages
   and positions and returns its heads' mass; the step's metadata is replicated."""
   pol, rule = cache.policy, cache.policy_rule
+  if hasattr(rule, "layer_attend"):  # a policy with a layout of its own (duo_store.py)
+    return rule.layer_attend(cache, layer, q, k, v, positions, sliding_window)
   stream = rule.streams(layer)
   split = dict(q=q[0], k=k[0], v=v[0], kp=cache.k_pages[layer], vp=cache.v_pages[layer],
                slot_pos=pol.state.slot_pos[layer], score=pol.state.score[layer])
@@ -222,6 +224,8 @@ def accumulate_scores(score, probs, seq, valid, pol: PolicyStep, cache, table_sl
 
 
 def policy_finish(cache, layer_kvs):
+  if hasattr(cache.policy_rule, "layer_finish"):  # a policy with a layout of its own (duo_store.py)
+    return cache.policy_rule.layer_finish(cache, layer_kvs)
   state = PolicyState(slot_pos=tuple(kv[2] for kv in layer_kvs), score=tuple(kv[3] for kv in layer_kvs))
   scales = {}
   if cache.k_scales is not None:

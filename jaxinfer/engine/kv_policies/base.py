@@ -50,6 +50,10 @@ class EvictionPolicy(KVPolicy):
   def init_state(self, num_slots: int, rows: int, table_slots: int) -> PolicyState:
     return PolicyState.create(self.num_layers, num_slots, self.kv_heads, rows, table_slots)
 
+  def layer_kv_heads(self, sharding) -> tuple | None:
+    """KV heads the pool holds per layer (None: every head; duo keeps only its retrieval heads there)."""
+    return None
+
   def table_pages(self, pages_per_seq: int) -> int:
     """Page-table width (most pages a request may hold at once)."""
     return pages_per_seq

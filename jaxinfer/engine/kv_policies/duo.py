@@ -1,16 +1,17 @@
 """DuoAttention-style head budgets (Xiao et al., 2024): retrieval heads keep the full KV; streaming heads
-see only sinks + window. Heads come as config.head_classes, or from `calibrate` below.
+keep only sinks + window. Heads come as config.head_classes, or from `calibrate` below.
 
 Identification here is NOT the paper's (an optimisation of per-head gates on synthetic passkey data): it is an
 attention-mass criterion on calibration text (the stdlib's own source in the experiment): for every (layer,
 kv head), the share of attention that queries past sink_tokens + window give to keys outside their sinks +
 window; the `retrieval_heads` fraction of heads with the largest share are retrieval heads.
 
-Layout: in one paged pool every head of a layer shares slots, so a streaming head's dropped tokens are
-masked per head (by position, attention.py) while the retrieval heads of the same layer still hold them:
-pages only go back when no head needs them, which with any retrieval head is never. The memory a separate
-streaming-head cache would save is reported as accounting (kv_fraction), not realised; realising it needs a
-second pool for the streaming heads (not built).
+Layout (policy "duo", realised): the paged pool holds only each layer's retrieval KV heads, the streaming
+heads live in a fixed store of sinks + window slots per request row (duo_store.py), so a page costs
+R_l / num_kv_heads of a full one and engine.kv_cache_bytes (less the store's fixed bytes) buys
+num_kv_heads / R more pages (pages_for_budget). The one-pool masked layout is policy "duo_masked"
+(duo_masked.py), the ablation, and what a sharded model or a quantized pool must use (refused here, no
+fallback).
 """
 
 from __future__ import annotations
@@ -20,31 +21,114 @@ import numpy as np
 from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine.kv_policies.base import EvictionPolicy
 from jaxinfer.engine.kv_policies.registry import register
-from jaxinfer.engine.kv_policies.streaming import streaming_rule
+from jaxinfer.models.rope import inverse_frequencies
+
+
+def parse_classes(config, model_config) -> tuple:
+  """config.head_classes, checked against the model: one string of num_kv_heads 'r'/'s' per layer."""
+  classes = config.head_classes
+  if len(classes) != model_config.num_layers or any(len(c) != model_config.num_kv_heads for c in classes):
+    raise ConfigError(f"engine.kv_policy.head_classes: {config.name} needs one string of "
+                      f"{model_config.num_kv_heads} 'r'/'s' per layer ({model_config.num_layers} layers), got "
+                      f"{classes!r}; compute them with jaxinfer.engine.kv_policies.duo.calibrate")
+  return tuple(classes)
+
+
+def split_heads(config, model_config) -> tuple[tuple, tuple]:
+  """(retrieval kv heads per layer, streaming kv heads per layer)."""
+  classes = parse_classes(config, model_config)
+  return (tuple(tuple(h for h, c in enumerate(row) if c == "r") for row in classes),
+          tuple(tuple(h for h, c in enumerate(row) if c == "s") for row in classes))
+
+
+def _itemsize(engine_config, model_config) -> int:
+  import jax.numpy as jnp
+
+  return jnp.dtype(engine_config.kv_cache_dtype or engine_config.kv_dtype or model_config.dtype).itemsize
+
+
+def page_bytes(config, model_config, engine_config) -> int:
+  """Bytes of one page of the realised pool (k and v of the retrieval heads of every layer)."""
+  ret, _ = split_heads(config, model_config)
+  per_head = engine_config.page_size * model_config.resolved_head_dim * _itemsize(engine_config, model_config)
+  return 2 * per_head * sum(len(r) for r in ret)
+
+
+def store_bytes(config, model_config, engine_config) -> int:
+  """Fixed bytes of the streaming-head store (k, v and slot positions of every layer and request row)."""
+  _, strm = split_heads(config, model_config)
+  rows, slots = engine_config.max_batch_size, config.sink_tokens + config.window
+  kv = 2 * rows * slots * model_config.resolved_head_dim * _itemsize(engine_config, model_config)
+  return sum(kv * len(s) + rows * slots * 4 for s in strm)
 
 
 @register("duo")
 class DuoPolicy(EvictionPolicy):
   def __init__(self, config, model_config, engine_config):
     super().__init__(config, model_config, engine_config)
-    classes = config.head_classes
-    if len(classes) != model_config.num_layers or any(len(c) != model_config.num_kv_heads for c in classes):
-      raise ConfigError(f"engine.kv_policy.head_classes: duo needs one string of {model_config.num_kv_heads} "
-                        f"'r'/'s' per layer ({model_config.num_layers} layers), got {classes!r}; compute them "
-                        "with jaxinfer.engine.kv_policies.duo.calibrate")
-    stream = tuple(tuple(ch == "s" for ch in row) for row in classes)
-    self.rule = streaming_rule(config, model_config, stream_heads=stream)
+    from jaxinfer.engine.kv_policies.duo_store import DuoRule
+    from jaxinfer.engine.kv_quant import QMAX
+
+    if (engine_config.kv_cache_dtype or "") in QMAX:
+      raise ConfigError(f"engine.kv_policy.name: duo (retrieval heads paged, streaming heads in a store) does not "
+                        f"take a quantized pool (kv_cache_dtype={engine_config.kv_cache_dtype!r}); use "
+                        "name='duo_masked' or a float kv_cache_dtype")
+    self.retrieval, self.streaming = split_heads(config, model_config)
+    cache = config.positions == "cache"
+    inv = tuple(float(x) for x in inverse_frequencies(model_config)) if cache else ()
+    self.rule = DuoRule(sinks=config.sink_tokens, window=config.window, cache_positions=cache, inv_freq=inv,
+                        retrieval=self.retrieval, streaming=self.streaming,
+                        group=model_config.num_heads // model_config.num_kv_heads)
+    self.max_batch_size = engine_config.max_batch_size
+    self.store_dtype = engine_config.kv_cache_dtype or engine_config.kv_dtype or model_config.dtype
+
+  @classmethod
+  def pages_for_budget(cls, engine_config, model_config) -> int:
+    """Pages that fit in engine.kv_cache_bytes once the store's fixed bytes are taken out; a page counts only
+    the retrieval heads."""
+    config = engine_config.kv_policy
+    per_page = page_bytes(config, model_config, engine_config)
+    fixed = store_bytes(config, model_config, engine_config)
+    if per_page == 0:
+      raise ConfigError(f"engine.kv_cache_bytes: duo with no retrieval head keeps no per-token KV, so a byte "
+                        f"budget sizes nothing; set engine.num_pages instead (head_classes={config.head_classes!r})")
+    pages = (engine_config.kv_cache_bytes - fixed) // per_page
+    if pages < 1:
+      raise ConfigError(f"engine.kv_cache_bytes: kv_cache_bytes={engine_config.kv_cache_bytes} holds no page "
+                        f"after duo's streaming-head store ({fixed} bytes; a page of retrieval heads takes "
+                        f"{per_page} bytes)")
+    return int(pages)
+
+  def layer_kv_heads(self, sharding) -> tuple:
+    """KV heads the pool holds per layer (KVPool.create): the retrieval heads only."""
+    if sharding is not None:
+      raise ConfigError("engine.kv_policy.name: duo keeps a different number of kv heads per layer in the pool, "
+                        "which the sharded pool (split on kv heads) does not; use name='duo_masked' on a sharded "
+                        "model")
+    return tuple(len(r) for r in self.retrieval)
+
+  def init_state(self, num_slots: int, rows: int, table_slots: int):
+    from jaxinfer.engine.kv_policies.duo_store import DuoState
+
+    return DuoState.create(self.streaming, rows, self.config.sink_tokens + self.config.window,
+                           self.model_config.resolved_head_dim, self.store_dtype)
+
+  def step_arrays(self, t_pad: int, s_pad: int) -> dict:
+    return dict(policy_reset=np.zeros((s_pad,), bool))
+
+  def fill_rows(self, attn, i: int, request, offset: int, positions: np.ndarray) -> None:
+    super().fill_rows(attn, i, request, offset, positions)
+    attn.policy_reset[i] = request.request_id not in self.held  # new to its row: the store row starts empty
 
   def register_limit(self, request) -> int:
-    return min(request.num_tokens, self.config.sink_tokens + self.config.window)
+    return 0  # a page holds no streaming head's k/v: a prefix hit would leave the store without them
 
   def on_step(self, request, seq) -> None:
-    if seq.start + seq.num_tokens - self.config.window >= self.config.sink_tokens:
-      self.evicted.add(request.request_id)
+    pass  # nothing to drop: pages are the retrieval heads' (all kept), the store overwrites itself
 
   def kv_fraction(self, length: int) -> float:
-    """KV a per-head cache would hold at this length, as a fraction of full KV (accounting only)."""
-    stream = sum(row.count("s") for row in self.config.head_classes)
+    """KV held at this length as a fraction of full KV (store slots counted as held)."""
+    stream = sum(len(s) for s in self.streaming)
     total = self.num_layers * self.kv_heads
     kept = min(length, self.config.sink_tokens + self.config.window)
     return ((total - stream) * length + stream * kept) / (total * length)

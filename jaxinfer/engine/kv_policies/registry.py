@@ -12,7 +12,7 @@ import importlib
 
 _POLICIES: dict = {}
 _BUILTIN = ("streaming", "snapkv", "h2o", "h2o_unscored", "duo",
-            "h2o_wide")  # modules under jaxinfer/engine/kv_policies/
+            "h2o_wide", "duo_masked")  # modules under jaxinfer/engine/kv_policies/
 
 
 def register(name: str):
@@ -33,6 +33,14 @@ def _load_builtins() -> None:
 def names() -> tuple[str, ...]:
   _load_builtins()
   return ("none",) + tuple(sorted(_POLICIES))
+
+
+def policy_class(name: str):
+  """The class registered under name (None for "none")."""
+  if name == "none":
+    return None
+  _load_builtins()
+  return _POLICIES[name]
 
 
 def make_policy(config, model_config, engine_config):

@@ -1,0 +1,172 @@
+"""The realised DuoAttention layout (policy "duo"): retrieval KV heads in the paged pool, streaming KV heads
+in a fixed per-request-row store of sinks + window slots.
+
+Per layer l the pool's pages hold only that layer's R_l retrieval KV heads ([num_pages, page_size, R_l, d];
+KVPool.create(layer_kv_heads=...)), so a page costs R_l / num_kv_heads of a full one. The S_l streaming KV
+heads of layer l live in DuoState.store_k / store_v [max_batch_size, sinks + window, S_l, d]: slot p < sinks
+holds sink p; slot sinks + (p - sinks) % window is a ring for the window; store_pos [rows, sinks + window]
+the position each slot holds (-1: empty), so masks follow the tokens. Nothing of a streaming head grows with
+the sequence.
+
+One layer of one step:
+  retrieval heads  their k/v are written into the pages, then the engine's paged kernels (ragged or decode)
+                   attend over every cached token, unmasked (the kernels' own causal rule)
+  streaming heads  the queries attend densely over the store's old entries AND the step's own new k/v of
+                   the same sequence, under the sinks + window rule; only then is the chunk written into the
+                   store (per sequence its sinks and its last `window` tokens), so a chunk longer than the
+                   window never overwrites a key its earlier queries still need
+Query heads are grouped by kv head (head h * G + g reads kv head h); the two groups' outputs go back into
+head order. A sequence new to its row (PolicyStep.reset: admitted, or re-admitted after preemption) empties
+its row first. Prefix caching cannot name duo pages (their streaming heads' k/v are not in them): the policy's
+register_limit is 0.
+
+positions="cache" (StreamingLLM's within-cache positions): the streaming heads' sink keys score against the
+query rotated back by max(0, p - window + 1 - sinks), as in attention.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxinfer.engine.kv_policies.attention import MaskRule, _rotate
+from jaxinfer.engine.kv_pool import store
+
+
+@struct.dataclass
+class DuoState:
+  """Device state of the realised duo layout (KVPool.policy)."""
+  store_k: tuple  # per layer [rows, sinks + window, S_l, d]
+  store_v: tuple
+  store_pos: tuple  # per layer [rows, sinks + window] int32: position held by the slot, -1: none
+
+  @classmethod
+  def create(cls, stream_heads: tuple, rows: int, slots: int, head_dim: int, dtype):
+    kv = lambda: tuple(jnp.zeros((rows, slots, len(s), head_dim), dtype) for s in stream_heads)  # noqa: E731
+    return cls(store_k=kv(), store_v=kv(),
+               store_pos=tuple(jnp.full((rows, slots), -1, jnp.int32) for _ in stream_heads))
+
+  @property
+  def nbytes(self) -> int:
+    return int(sum(a.nbytes for a in self.store_k + self.store_v + self.store_pos))
+
+
+@dataclasses.dataclass(frozen=True)
+class DuoRule(MaskRule):
+  """MaskRule (sinks, window, cache positions) plus the per-layer head split (static: a jit key)."""
+  retrieval: tuple = ()  # per layer: the retrieval kv heads (pool order)
+  streaming: tuple = ()  # per layer: the streaming kv heads (store order)
+  group: int = 1  # query heads per kv head
+
+  def layer_attend(self, cache, layer, q, k, v, positions, sliding_window):
+    return duo_attend(self, cache, layer, q, k, v, positions, sliding_window)
+
+  def layer_finish(self, cache, layer_kvs):
+    state = DuoState(store_k=tuple(kv[2] for kv in layer_kvs), store_v=tuple(kv[3] for kv in layer_kvs),
+                     store_pos=tuple(kv[4] for kv in layer_kvs))
+    return cache.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
+                         slots=None, policy=cache.policy.replace(state=state))
+
+
+def _query_heads(kv_heads, group: int) -> np.ndarray:
+  return (np.asarray(kv_heads, np.int64)[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+
+
+def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_window):
+  """PagedKVCache.attend under the realised duo layout -> (out [1, T, heads, d], layer state)."""
+  from jaxinfer.engine.paged_cache import token_sequence
+
+  if cache.sharding is not None or cache.k_scales is not None:
+    raise NotImplementedError("the realised duo layout on a sharded model or a quantized pool (DuoPolicy "
+                              "refuses both)")
+  ret, strm, g = rule.retrieval[layer], rule.streaming[layer], rule.group
+  q0, k0, v0 = q[0], k[0], v[0]
+  t = q0.shape[0]
+  pos = positions[0].astype(jnp.int32)
+  kp, vp = cache.k_pages[layer], cache.v_pages[layer]
+  pol = cache.policy
+  st = pol.state
+  parts, order = [], []
+  if ret:
+    idx = np.asarray(ret)
+    kp, vp = store(kp, vp, cache.slots, k0[:, idx], v0[:, idx])
+    q_r = q0[:, _query_heads(ret, g)]
+    parts.append(cache._attention(q_r, kp.astype(q.dtype), vp.astype(q.dtype), pos, sliding_window))
+    order.append(_query_heads(ret, g))
+  sk, sv, sp = st.store_k[layer], st.store_v[layer], st.store_pos[layer]
+  if strm:
+    seq, valid = token_sequence(cache.cu_q_lens, cache.num_seqs, t)
+    s_pad = cache.kv_lens.shape[0]
+    live = jnp.arange(s_pad) < cache.num_seqs
+    rows = pol.seq_slots
+    # a sequence new to its row starts from an empty store row (padding sequences write nothing)
+    reset_rows = jnp.where(live & pol.reset, rows, sp.shape[0])
+    sp = sp.at[reset_rows].set(-1, mode="drop")
+    idx = np.asarray(strm)
+    q_s = q0[:, _query_heads(strm, g)]
+    out_s = _stream_attend(rule, q_s, k0[:, idx], v0[:, idx], sk, sv, sp, rows[seq], seq, valid, pos,
+                           sliding_window)
+    parts.append(out_s)
+    order.append(_query_heads(strm, g))
+    sk, sv, sp = _stream_write(rule, sk, sv, sp, k0[:, idx], v0[:, idx], rows[seq], valid, pos,
+                               cache.kv_lens[seq])
+  out = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=1)
+  inverse = np.argsort(np.concatenate(order))
+  out = out[:, inverse]
+  b, _, heads, d = q.shape
+  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, sk, sv, sp)
+
+
+def _stream_attend(rule: DuoRule, q, k_new, v_new, sk, sv, sp, row, seq, valid, pos, sliding_window):
+  """q [T, S*G, d] over (store row of each query's sequence) + (the step's new keys of that sequence)."""
+  t, heads, d = q.shape
+  s = k_new.shape[1]
+  qg = q.astype(jnp.float32).reshape(t, s, heads // s, d)
+  k_old, v_old = sk[row].astype(jnp.float32), sv[row].astype(jnp.float32)  # [T, C, S, d]
+  pos_old = sp[row]  # [T, C]
+  kn, vn = k_new.astype(jnp.float32), v_new.astype(jnp.float32)
+  scale = 1.0 / np.sqrt(d)
+  s_old = jnp.einsum("tsgd,tcsd->tsgc", qg, k_old) * scale
+  s_new = jnp.einsum("tsgd,usd->tsgu", qg, kn) * scale
+  key_new = jnp.broadcast_to(pos[None, :], (t, t))
+  if rule.cache_positions:  # sink keys look as if they sat just before the window: rotate the query back
+    delta = jnp.maximum(pos - rule.window + 1 - rule.sinks, 0)
+    qr = _rotate(qg, -delta, rule.inv_freq)
+    s_old = jnp.where((pos_old < rule.sinks)[:, None, None, :],
+                      jnp.einsum("tsgd,tcsd->tsgc", qr, k_old) * scale, s_old)
+    s_new = jnp.where((key_new < rule.sinks)[:, None, None, :], jnp.einsum("tsgd,usd->tsgu", qr, kn) * scale, s_new)
+  p = pos[:, None]
+
+  def seen(kpos):
+    vis = (kpos >= 0) & (kpos <= p) & ((kpos < rule.sinks) | (p - kpos < rule.window))
+    return vis if sliding_window is None else vis & (p - kpos < sliding_window)
+
+  vis_old = seen(pos_old) & valid[:, None]
+  vis_new = seen(key_new) & (seq[None, :] == seq[:, None]) & valid[None, :] & valid[:, None]
+  scores = jnp.concatenate([s_old, s_new], axis=-1)
+  vis = jnp.concatenate([vis_old, vis_new], axis=-1)[:, None, None, :]
+  m = jnp.max(jnp.where(vis, scores, -jnp.inf), axis=-1, keepdims=True)
+  e = jnp.where(vis, jnp.exp(scores - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
+  probs = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+  c = k_old.shape[1]
+  out = jnp.einsum("tsgc,tcsd->tsgd", probs[..., :c], v_old) + jnp.einsum("tsgu,usd->tsgd", probs[..., c:], vn)
+  return out.reshape(t, heads, d)
+
+
+def _stream_write(rule: DuoRule, sk, sv, sp, k_new, v_new, row, valid, pos, end):
+  """The chunk into the store: sinks at slot p, and per sequence only its last `window` tokens into the ring
+  (distinct slots, so the scatter has no collisions); the rest is never seen again."""
+  rows, c = sp.shape
+  sinks, window = rule.sinks, rule.window
+  ring = (pos >= sinks) & (pos >= end - window)
+  slot = jnp.where(pos < sinks, pos, sinks + (pos - sinks) % window)
+  keep = valid & ((pos < sinks) | ring)
+  flat = jnp.where(keep, row * c + slot, rows * c)  # out of range: dropped
+  fk = sk.reshape((rows * c,) + sk.shape[2:]).at[flat].set(k_new.astype(sk.dtype), mode="drop")
+  fv = sv.reshape((rows * c,) + sv.shape[2:]).at[flat].set(v_new.astype(sv.dtype), mode="drop")
+  fp = sp.reshape(-1).at[flat].set(pos, mode="drop")
+  return fk.reshape(sk.shape), fv.reshape(sv.shape), fp.reshape(sp.shape)
