@@ -67,7 +67,7 @@ CASES = {
     "streaming-cache": dict(name="streaming", sink_tokens=4, window=12, positions="cache"),
     "snapkv": dict(name="snapkv", window=8, budget=24),
     "h2o": dict(name="h2o", window=6, budget=20),
-    "duo": dict(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr")),
+    "duo_masked": dict(name="duo_masked", sink_tokens=4, window=12, head_classes=("rs", "sr")),
 }
 
 
@@ -81,7 +81,7 @@ def test_policy_matches_dense_reference(model, case):
   tokens = prompt + out
   n, layers, hkv = len(tokens), cfg.num_layers, cfg.num_kv_heads
   shift = None
-  if policy.name in ("streaming", "duo"):
+  if policy.name in ("streaming", "duo_masked"):
     heads = None if policy.name == "streaming" else [[c == "s" for c in row] for row in policy.head_classes]
     vis = R.streaming_visibility(n, layers, hkv, policy.sink_tokens, policy.window, heads)
     if policy.positions == "cache":

@@ -32,12 +32,12 @@ POLICIES = {
     "snapkv": dict(name="snapkv", window=4, budget=10),
     "h2o": dict(name="h2o", window=4, budget=10),
     "h2o_unscored": dict(name="h2o_unscored", window=4, budget=10),
-    "duo": dict(name="duo", sink_tokens=4, window=8, head_classes=("rs", "sr")),
+    "duo_masked": dict(name="duo_masked", sink_tokens=4, window=8, head_classes=("rs", "sr")),
 }
 CASES = [  # (policy, mesh, kv_cache_dtype): every policy on tensor=2, H2O on tensor=2 x data=2, and SnapKV on an
     # int8 pool with per-channel keys (its compaction requantizes them; its decode kernel reads the scales)
     ("streaming", "tensor2", None), ("snapkv", "tensor2", "int8"), ("h2o", "tensor2_data2", None),
-    ("h2o_unscored", "tensor2", None), ("duo", "tensor2", None),
+    ("h2o_unscored", "tensor2", None), ("duo_masked", "tensor2", None),
 ]
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\(")
 
@@ -112,7 +112,7 @@ def test_policy_on_tensor_parallel_model_matches_one_device(models, case, mesh, 
   for (rg, ng, pg), (rw, nw, pw) in zip(got_kept, want_kept):
     assert (rg, ng) == (rw, nw)
     np.testing.assert_array_equal(pg, pw, err_msg=f"request {rg} after {ng} tokens")
-  if case != "duo":  # the policy did evict (duo only masks its streaming heads)
+  if case != "duo_masked":  # the policy did evict (duo_masked only masks its streaming heads)
     assert any((p < 0).any() or p.shape[-1] < n for _, n, p in want_kept)
 
   # after the run (compactions / evictions included): pages, scales and policy state split on kv heads
@@ -163,3 +163,13 @@ def test_policy_on_pool_with_repeated_kv_heads_is_refused(models, checkpoint):
                                         r"\(size 4\) needs num_kv_heads=2 divisible"):
     jaxinfer.Engine(model, max_batch_size=2, page_size=PS, max_model_len=64, kv_policy=KVPolicyConfig(
         **POLICIES["streaming"]))
+
+
+def test_realised_duo_on_sharded_model_points_to_duo_masked(models):
+  """duo keeps a different number of kv heads per layer in the pool: a pool split on kv heads is refused,
+  naming the field and the policy that runs there."""
+  from jaxinfer.config import ConfigError
+
+  policy = KVPolicyConfig(**(POLICIES["duo_masked"] | {"name": "duo"}))
+  with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: duo .*name='duo_masked'"):
+    jaxinfer.Engine(models["tensor2"], max_batch_size=2, page_size=PS, max_model_len=64, kv_policy=policy)
