@@ -27,6 +27,11 @@ Parts:
             page-table width (kv_policies/h2o_unscored.py): h2o / h2o_unscored is the scoring's own cost.
             "h2o_wide" is H2O without its narrow decode table (kv_policies/h2o_wide.py: every step reads the
             whole prompt's page-table width): h2o / h2o_wide is what reading only the budget's pages gains.
+            "duo" is the realised Duo layout (retrieval heads paged, streaming heads in a sinks + window store,
+            kv_policies/duo_store.py), "duo_masked" the one-pool masked layout, both with the calibrated heads
+            and window = budget - sinks: KV bytes per token there are measured from the pool (bytes per page x
+            pages held, plus the store's fixed bytes, over the tokens), and "fit pages" is how many pages the
+            no-policy pool's bytes buy under the policy (engine.kv_cache_bytes, the engine's own sizing).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from jaxinfer.experiments.sections import check, read
 from jaxinfer.experiments.timing import Case, compare
 
 POLICIES = ("streaming", "window_only", "snapkv", "h2o", "duo")
-ENGINE_POLICIES = ("streaming", "snapkv", "h2o", "h2o_unscored", "h2o_wide")
+ENGINE_POLICIES = ("streaming", "snapkv", "h2o", "h2o_unscored", "h2o_wide", "duo", "duo_masked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +65,7 @@ class KVCompressionConfig:
   retrieval_heads: float = 0.5
   probe_trials: int = 20
   engine_fractions: tuple[float, ...] = (0.1, 0.5)
-  engine_policies: tuple[str, ...] = ("streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored")
+  engine_policies: tuple[str, ...] = ("streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored", "duo", "duo_masked")
   decode_prompt: int = 768
   decode_tokens: int = 32
   page_size: int = 16
@@ -308,10 +313,9 @@ def run_probe(model, probes, s, classes) -> list[dict]:
   return rows
 
 
-def run_engine(model, prompt, s, seed) -> list[dict]:
+def run_engine(model, prompt, s, seed, classes=()) -> list[dict]:
   import jaxinfer
   from jaxinfer.engine.kv_policies import KVPolicyConfig
-  from jaxinfer.engine.kv_quant import page_bytes
 
   cfg = model.config
   total = s.decode_prompt + s.decode_tokens
@@ -323,7 +327,9 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
                 snapkv=KVPolicyConfig(name="snapkv", window=w, budget=budget, pool_kernel=s.pool_kernel),
                 h2o=KVPolicyConfig(name="h2o", window=w, budget=budget),
                 h2o_unscored=KVPolicyConfig(name="h2o_unscored", window=w, budget=budget),
-                h2o_wide=KVPolicyConfig(name="h2o_wide", window=w, budget=budget))
+                h2o_wide=KVPolicyConfig(name="h2o_wide", window=w, budget=budget),
+                **{name: KVPolicyConfig(name=name, sink_tokens=s.sink_tokens, window=budget - s.sink_tokens,
+                                        head_classes=classes) for name in ("duo", "duo_masked")})
     for name in s.engine_policies:
       setups[f"{name}@{frac:g}"] = (made[name], None)
       if s.engine_kv_dtype and frac == s.engine_fractions[0] and name in s.engine_kv_policies:
@@ -355,24 +361,39 @@ def run_engine(model, prompt, s, seed) -> list[dict]:
     def teardown():
       pol = engine.kv_policy
       full = -(-total // s.page_size)
+      pool = engine.runner.pool  # bytes measured from the pool: a page's, and a fixed store's (duo)
+      extra = (pool.nbytes // pool.num_pages, getattr(pool.policy, "nbytes", 0) if pol and pol.name == "duo" else 0)
       held[key] = ((pol.max_pages[state["rid"]], pol.last_pages[state["rid"]], pol.stats["deferred_compactions"])
-                   if pol is not None else (full, full, 0)) + (engine.stats["narrow_table_steps"],)
+                   if pol is not None else (full, full, 0)) + (engine.stats["narrow_table_steps"],) + extra
 
     return Case(fn, setup, teardown)
 
   comparison = compare({k: case(k) for k in setups}, baseline="none", rounds=s.rounds, warmup=1, repeats=1)
   rows = []
+  none_bytes = engines["none"].runner.pool.nbytes
   for key, (pol, kv_dtype) in setups.items():
     t = comparison.time(key)
-    per_page = page_bytes(cfg, s.page_size, kv_dtype or "float32")  # the experiment's model runs in float32
+    per_page, store = held[key][4:6]  # measured from the engine's pool (scales included)
     rows.append(dict(setup=key, policy=pol.name, kv_dtype=kv_dtype or "float32",
                      budget=pol.budget if pol.name in ("snapkv", "h2o", "h2o_unscored", "h2o_wide") else (
-                         pol.sink_tokens + pol.window if pol.name == "streaming" else total),
+                         pol.sink_tokens + pol.window if pol.name in ("streaming", "duo", "duo_masked") else total),
                      decode_tok_s=(s.decode_tokens - 1) / t, vs_none=comparison.time("none") / t,
-                     kv_bytes_per_token=held[key][1] * per_page / total, pages=held[key][1],
-                     peak_pages=held[key][0], deferred_compactions=held[key][2], narrow_steps=held[key][3]))
+                     kv_bytes_per_token=(held[key][1] * per_page + store) / total, pages=held[key][1],
+                     peak_pages=held[key][0], deferred_compactions=held[key][2], narrow_steps=held[key][3],
+                     page_bytes=per_page, store_bytes=store,
+                     fit_pages=pages_that_fit(engines[key].engine_config, cfg, pol, none_bytes)))
     print("engine", rows[-1], flush=True)
   return rows
+
+
+def pages_that_fit(engine_config, model_config, policy, nbytes: int) -> int:
+  """Pages the engine would size from kv_cache_bytes=nbytes under this policy (its own sizing path)."""
+  import dataclasses
+
+  from jaxinfer.engine.kv_policies.budget import policy_budget
+
+  ec = dataclasses.replace(engine_config, num_pages=None, kv_cache_bytes=nbytes, kv_policy=policy)
+  return policy_budget(ec, model_config).resolve(model_config).num_pages
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -424,7 +445,8 @@ def run(config) -> dict:
     quality = run_quality(model, texts, s, classes) if "quality" in s.parts else []
     probes = probe_texts(encode, decode, model.config.vocab_size, s, np.random.default_rng(config.seed))
     probe = run_probe(model, probes, s, classes) if "probe" in s.parts else []
-    engine = run_engine(model, (texts[0] * 4)[:s.decode_prompt], s, config.seed) if "engine" in s.parts else []
+    engine = (run_engine(model, (texts[0] * 4)[:s.decode_prompt], s, config.seed, classes)
+              if "engine" in s.parts else [])
     for r in quality:
       out.log("quality", **r)
     for r in probe:
@@ -459,8 +481,11 @@ def run(config) -> dict:
       out.section("Engine decode and KV bytes",
                   f"jaxinfer.Engine, one request of {s.decode_prompt} prompt tokens + {s.decode_tokens} new ones, "
                   "greedy; decode tokens/s after prefill, ratio to the engine without a policy (float32 pool) in the "
-                  "same run; KV bytes per token = pages held after the last step x page bytes (scales included) / "
-                  "tokens; peak pages: the most held at once (SnapKV and H2O hold the whole prompt until it ends, "
+                  "same run; KV bytes per token = pages held after the last step x page bytes (scales included; "
+                  "both read from the engine's pool) / tokens, plus duo's fixed streaming-head store / tokens; "
+                  f"duo / duo_masked: heads {classes}, realised (retrieval heads paged, streaming heads in a "
+                  "sinks + window store) / masked in one pool; fit pages: pages the no-policy pool's bytes buy "
+                  "under the policy (engine.kv_cache_bytes); peak pages: the most held at once (SnapKV and H2O hold the whole prompt until it ends, "
                   "plus the compaction's copy). h2o / h2o_unscored at the same budget: the attention-mass "
                   "scoring's own cost (same page-table width, same eviction programs); h2o / h2o_wide: the gain "
                   "of the narrow decode table (H2O's steps read ceil(budget / page_size) + 2 pages once every "
@@ -472,7 +497,8 @@ def run(config) -> dict:
                                               ("pages", "pages", None), ("peak pages", "peak_pages", None),
                                               ("deferred compactions", "deferred_compactions", None),
                                               ("narrow steps", "narrow_steps", None),
-                                              ("KV bytes / token", "kv_bytes_per_token", ".0f")]))
+                                              ("KV bytes / token", "kv_bytes_per_token", ".0f"),
+                                              ("fit pages", "fit_pages", None)]))
     out.section("Against the papers' claims", "\n".join(f"- {who}: {claim}" for who, claim in CLAIMS))
     if quality and probe:
       out.figure(plot(quality, probe, s.kv_dtypes, s.probe_kv_dtypes, chance), "kv_compression.png", dpi=110)
