@@ -40,15 +40,27 @@ class KVPool:
     shape = (num_pages, page_size, model_config.num_kv_heads * kv_repeat, model_config.resolved_head_dim)
     zeros = lambda shape, dt: tuple(jnp.zeros(shape, dt) for _ in range(model_config.num_layers))  # noqa: E731
     positions = jnp.full((num_pages * page_size,), -1, jnp.int32) if track_positions else None
+    if layer_kv_heads is not None:  # a KV policy keeping only some kv heads per layer in the pages (duo)
+      return cls._per_layer_heads(shape, layer_kv_heads, kv_repeat, dtype, key_granularity, positions)
     k_scales = v_scales = None
     if dtype.name in kv_quant.QMAX:
       ks, vs = kv_quant.scale_shapes(*shape, key_granularity)
       k_scales, v_scales = zeros(ks, jnp.float32), zeros(vs, jnp.float32)
-    if layer_kv_heads is not None:  # full-precision only (the policy refuses quantized pools)
-      zeros = lambda shape, dt: tuple(jnp.zeros(shape[:2] + (h * kv_repeat,) + shape[3:], dt)  # noqa: E731
-                                      for h in layer_kv_heads)
     return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scales=k_scales, v_scales=v_scales,
                positions=positions)
+
+  @classmethod
+  def _per_layer_heads(cls, shape, layer_kv_heads, kv_repeat, dtype, key_granularity, positions):
+    from jaxinfer.engine import kv_quant
+
+    shapes = [shape[:2] + (h * kv_repeat,) + shape[3:] for h in layer_kv_heads]
+    kv = lambda: tuple(jnp.zeros(s, dtype) for s in shapes)  # noqa: E731
+    scales = {}
+    if dtype.name in kv_quant.QMAX:
+      sc = [kv_quant.scale_shapes(*s, key_granularity) for s in shapes]
+      scales = dict(k_scales=tuple(jnp.zeros(k, jnp.float32) for k, _ in sc),
+                    v_scales=tuple(jnp.zeros(v, jnp.float32) for _, v in sc))
+    return cls(k=kv(), v=kv(), positions=positions, **scales)
 
   @property
   def quantized(self) -> bool:

@@ -13,6 +13,7 @@ from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine.kv_policies import KVPolicyConfig
 from jaxinfer.engine.kv_policies import duo
 from jaxinfer.engine.kv_policies import reference as R
+from jaxinfer.generation.sampling import SamplingParams
 from testlib import tiny_model_config
 
 PS, STEP, SINKS, WINDOW = 4, 16, 2, 6  # chunks of 16 > window 6
@@ -46,13 +47,13 @@ def _serve(engine, prompts, new, preempt_at=None):
   return [out[i] for i in ids]
 
 
-@pytest.mark.parametrize("positions", ["original", "cache"])
-def test_duo_matches_masked_and_dense_reference(model, positions):
+@pytest.mark.parametrize("positions,async_scheduling", [("original", False), ("cache", True)])
+def test_duo_matches_masked_and_dense_reference(model, positions, async_scheduling):
   cfg = model.config
   rng = np.random.default_rng(7)
   prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (29, 21, 40)]  # > sinks + window, 3 requests
   new = 9
-  realised = _engine(model, "duo", positions)
+  realised = _engine(model, "duo", positions, async_scheduling=async_scheduling)
   got = _serve(realised, prompts, new, preempt_at=4)
   assert realised.stats["preemptions"] == 1 and realised.stats["partial_prefills"] > 0
   masked = _serve(_engine(model, "duo_masked", positions), prompts, new)
@@ -94,9 +95,35 @@ def test_duo_fits_more_pages_in_the_same_bytes(model):
   assert per_slot == full_per_slot * retrieval / (cfg.num_kv_heads * cfg.num_layers)  # KV bytes per token: R / (R + S)
 
 
+def test_duo_on_a_quantized_pool_matches_the_quantized_reference(model):
+  """int8 with per-token keys: pages and store hold codes + a scale per token and head, so every k/v the model
+  reads is kv_quant.roundtrip of the float one, exactly what the dense reference's quant_dtype does."""
+  cfg = model.config
+  prompt = np.random.default_rng(11).integers(1, cfg.vocab_size, 35).tolist()
+  engine = _engine(model, "duo", kv_cache_dtype="int8", kv_quant_key_granularity="per_token")
+  rid = engine.add_request(prompt, SamplingParams(logprobs=True), max_new_tokens=8)
+  out, logp = [], []
+  while engine.has_unfinished():
+    for o in engine.step():
+      out, logp = out + o.new_token_ids, logp + o.logprobs
+  pool = engine.runner.pool
+  assert rid == 0 and pool.quantized and pool.policy.store_k[0].dtype == np.int8
+  assert pool.nbytes == engine.num_pages * duo.page_bytes(engine.kv_policy.config, cfg, engine.engine_config)
+  assert pool.policy.nbytes == duo.store_bytes(engine.kv_policy.config, cfg, engine.engine_config)
+  tokens = prompt + out
+  n = len(tokens)
+  vis = R.streaming_visibility(n, cfg.num_layers, cfg.num_kv_heads, SINKS, WINDOW,
+                               [[c == "s" for c in row] for row in CLASSES])
+  logits = R.masked_logits(model, tokens, vis, quant_dtype="int8")
+  lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  rows = np.arange(len(prompt) - 1, n - 1)
+  assert out == logits[rows].argmax(-1).tolist()
+  np.testing.assert_allclose(logp, lp[rows, tokens[len(prompt):]], atol=1e-4)
+  float_logits = R.masked_logits(model, tokens, vis)  # the quantization is really applied
+  assert np.abs(float_logits - logits)[rows].max() > 1e-3
+
+
 def test_duo_refusals_name_the_field(model):
-  with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: .*duo_masked"):
-    _engine(model, "duo", kv_cache_dtype="int8")
   with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.head_classes: duo_masked"):
     jaxinfer.Engine(model, kv_policy=KVPolicyConfig(name="duo_masked"), max_model_len=64)
   all_streaming = KVPolicyConfig(name="duo", sink_tokens=SINKS, window=WINDOW, head_classes=("ss",) * 3)

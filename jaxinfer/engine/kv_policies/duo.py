@@ -41,25 +41,33 @@ def split_heads(config, model_config) -> tuple[tuple, tuple]:
           tuple(tuple(h for h, c in enumerate(row) if c == "s") for row in classes))
 
 
-def _itemsize(engine_config, model_config) -> int:
+def _dtype(engine_config, model_config):
   import jax.numpy as jnp
 
-  return jnp.dtype(engine_config.kv_cache_dtype or engine_config.kv_dtype or model_config.dtype).itemsize
+  return jnp.dtype(engine_config.kv_cache_dtype or engine_config.kv_dtype or model_config.dtype)
 
 
 def page_bytes(config, model_config, engine_config) -> int:
-  """Bytes of one page of the realised pool (k and v of the retrieval heads of every layer)."""
+  """Bytes of one page of the realised pool (k and v of the retrieval heads of every layer, scales included):
+  a full page's share of R of the num_layers x num_kv_heads heads (every part of a page is per head)."""
+  from jaxinfer.engine.kv_quant import page_bytes as full_page_bytes
+
   ret, _ = split_heads(config, model_config)
-  per_head = engine_config.page_size * model_config.resolved_head_dim * _itemsize(engine_config, model_config)
-  return 2 * per_head * sum(len(r) for r in ret)
+  full = full_page_bytes(model_config, engine_config.page_size, _dtype(engine_config, model_config),
+                         engine_config.kv_quant_key_granularity)
+  return full * sum(len(r) for r in ret) // (model_config.num_layers * model_config.num_kv_heads)
 
 
 def store_bytes(config, model_config, engine_config) -> int:
-  """Fixed bytes of the streaming-head store (k, v and slot positions of every layer and request row)."""
+  """Fixed bytes of the streaming-head store (k, v, their per-token scales when quantized, and slot positions
+  of every layer and request row)."""
+  from jaxinfer.engine.kv_quant import QMAX
+
   _, strm = split_heads(config, model_config)
-  rows, slots = engine_config.max_batch_size, config.sink_tokens + config.window
-  kv = 2 * rows * slots * model_config.resolved_head_dim * _itemsize(engine_config, model_config)
-  return sum(kv * len(s) + rows * slots * 4 for s in strm)
+  rows, slots, dtype = engine_config.max_batch_size, config.sink_tokens + config.window, _dtype(engine_config,
+                                                                                               model_config)
+  per_head = model_config.resolved_head_dim * dtype.itemsize + (4 if dtype.name in QMAX else 0)
+  return sum(2 * rows * slots * per_head * len(s) + rows * slots * 4 for s in strm)
 
 
 @register("duo")
@@ -67,12 +75,7 @@ class DuoPolicy(EvictionPolicy):
   def __init__(self, config, model_config, engine_config):
     super().__init__(config, model_config, engine_config)
     from jaxinfer.engine.kv_policies.duo_store import DuoRule
-    from jaxinfer.engine.kv_quant import QMAX
 
-    if (engine_config.kv_cache_dtype or "") in QMAX:
-      raise ConfigError(f"engine.kv_policy.name: duo (retrieval heads paged, streaming heads in a store) does not "
-                        f"take a quantized pool (kv_cache_dtype={engine_config.kv_cache_dtype!r}); use "
-                        "name='duo_masked' or a float kv_cache_dtype")
     self.retrieval, self.streaming = split_heads(config, model_config)
     cache = config.positions == "cache"
     inv = tuple(float(x) for x in inverse_frequencies(model_config)) if cache else ()

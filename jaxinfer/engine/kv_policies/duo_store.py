@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from jaxinfer.engine import kv_quant
 from jaxinfer.engine.kv_policies.attention import MaskRule, _rotate
 from jaxinfer.engine.kv_pool import store
 
@@ -43,16 +44,25 @@ class DuoState:
   store_k: tuple  # per layer [rows, sinks + window, S_l, d]
   store_v: tuple
   store_pos: tuple  # per layer [rows, sinks + window] int32: position held by the slot, -1: none
+  store_ks: tuple | None = None  # quantized store: per layer [rows, sinks + window, S_l, 1] float32 scales
+  store_vs: tuple | None = None
 
   @classmethod
   def create(cls, stream_heads: tuple, rows: int, slots: int, head_dim: int, dtype):
-    kv = lambda: tuple(jnp.zeros((rows, slots, len(s), head_dim), dtype) for s in stream_heads)  # noqa: E731
-    return cls(store_k=kv(), store_v=kv(),
-               store_pos=tuple(jnp.full((rows, slots), -1, jnp.int32) for _ in stream_heads))
+    """dtype int8 / float8_e4m3fn: codes with a scale per token and head (kv_quant's per-token layout)."""
+    from jaxinfer.engine.kv_quant import QMAX
+
+    kv = lambda d, dt: tuple(jnp.zeros((rows, slots, len(s), d), dt) for s in stream_heads)  # noqa: E731
+    scales = {}
+    if jnp.dtype(dtype).name in QMAX:
+      scales = dict(store_ks=kv(1, jnp.float32), store_vs=kv(1, jnp.float32))
+    return cls(store_k=kv(head_dim, dtype), store_v=kv(head_dim, dtype),
+               store_pos=tuple(jnp.full((rows, slots), -1, jnp.int32) for _ in stream_heads), **scales)
 
   @property
   def nbytes(self) -> int:
-    return int(sum(a.nbytes for a in self.store_k + self.store_v + self.store_pos))
+    arrays = self.store_k + self.store_v + self.store_pos + (self.store_ks or ()) + (self.store_vs or ())
+    return int(sum(a.nbytes for a in arrays))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +76,13 @@ class DuoRule(MaskRule):
     return duo_attend(self, cache, layer, q, k, v, positions, sliding_window)
 
   def layer_finish(self, cache, layer_kvs):
-    state = DuoState(store_k=tuple(kv[2] for kv in layer_kvs), store_v=tuple(kv[3] for kv in layer_kvs),
-                     store_pos=tuple(kv[4] for kv in layer_kvs))
-    return cache.replace(k_pages=tuple(kv[0] for kv in layer_kvs), v_pages=tuple(kv[1] for kv in layer_kvs),
-                         slots=None, policy=cache.policy.replace(state=state))
+    field = lambda i: tuple(kv[i] for kv in layer_kvs)  # noqa: E731
+    quant = cache.policy.state.store_ks is not None
+    state = DuoState(store_k=field(2), store_v=field(3), store_pos=field(4),
+                     store_ks=field(5) if quant else None, store_vs=field(6) if quant else None)
+    scales = {} if cache.k_scales is None else dict(k_scales=field(7), v_scales=field(8))
+    return cache.replace(k_pages=field(0), v_pages=field(1), slots=None,
+                         policy=cache.policy.replace(state=state), **scales)
 
 
 def _query_heads(kv_heads, group: int) -> np.ndarray:
@@ -80,9 +93,8 @@ def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_win
   """PagedKVCache.attend under the realised duo layout -> (out [1, T, heads, d], layer state)."""
   from jaxinfer.engine.paged_cache import token_sequence
 
-  if cache.sharding is not None or cache.k_scales is not None:
-    raise NotImplementedError("the realised duo layout on a sharded model or a quantized pool (DuoPolicy "
-                              "refuses both)")
+  if cache.sharding is not None:
+    raise NotImplementedError("the realised duo layout on a sharded model (DuoPolicy refuses it)")
   ret, strm, g = rule.retrieval[layer], rule.streaming[layer], rule.group
   q0, k0, v0 = q[0], k[0], v[0]
   t = q0.shape[0]
@@ -90,14 +102,23 @@ def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_win
   kp, vp = cache.k_pages[layer], cache.v_pages[layer]
   pol = cache.policy
   st = pol.state
+  ks = vs = None
+  if cache.k_scales is not None:
+    ks, vs = cache.k_scales[layer], cache.v_scales[layer]
   parts, order = [], []
   if ret:
     idx = np.asarray(ret)
-    kp, vp = store(kp, vp, cache.slots, k0[:, idx], v0[:, idx])
     q_r = q0[:, _query_heads(ret, g)]
-    parts.append(cache._attention(q_r, kp.astype(q.dtype), vp.astype(q.dtype), pos, sliding_window))
+    if ks is None:
+      kp, vp = store(kp, vp, cache.slots, k0[:, idx], v0[:, idx])
+      parts.append(cache._attention(q_r, kp.astype(q.dtype), vp.astype(q.dtype), pos, sliding_window))
+    else:  # quantize on write; the kernels dequantize the tiles they load
+      kp, vp, ks, vs = kv_quant.store(kp, vp, ks, vs, cache.slots, k0[:, idx], v0[:, idx])
+      parts.append(cache._attention(q_r, kp, vp, pos, sliding_window, ks, vs))
     order.append(_query_heads(ret, g))
   sk, sv, sp = st.store_k[layer], st.store_v[layer], st.store_pos[layer]
+  sks = None if st.store_ks is None else st.store_ks[layer]
+  svs = None if st.store_vs is None else st.store_vs[layer]
   if strm:
     seq, valid = token_sequence(cache.cu_q_lens, cache.num_seqs, t)
     s_pad = cache.kv_lens.shape[0]
@@ -108,17 +129,31 @@ def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_win
     sp = sp.at[reset_rows].set(-1, mode="drop")
     idx = np.asarray(strm)
     q_s = q0[:, _query_heads(strm, g)]
-    out_s = _stream_attend(rule, q_s, k0[:, idx], v0[:, idx], sk, sv, sp, rows[seq], seq, valid, pos,
-                           sliding_window)
+    k_s, v_s = k0[:, idx], v0[:, idx]
+    old_k, old_v = sk, sv
+    if sks is not None:  # a quantized store: the chunk's own k/v as the store will give them back
+      k_s, v_s = kv_quant.roundtrip(k_s, sk.dtype), kv_quant.roundtrip(v_s, sv.dtype)
+      old_k, old_v = kv_quant.dequantize(sk, sks), kv_quant.dequantize(sv, svs)
+    out_s = _stream_attend(rule, q_s, k_s, v_s, old_k, old_v, sp, rows[seq], seq, valid, pos, sliding_window)
     parts.append(out_s)
     order.append(_query_heads(strm, g))
-    sk, sv, sp = _stream_write(rule, sk, sv, sp, k0[:, idx], v0[:, idx], rows[seq], valid, pos,
-                               cache.kv_lens[seq])
+    k_w, v_w = k0[:, idx], v0[:, idx]
+    if sks is not None:
+      k_w, v_w = _codes(k_w, sk.dtype), _codes(v_w, sv.dtype)
+      sks, svs, _ = _stream_write(rule, sks, svs, sp, k_w[1], v_w[1], rows[seq], valid, pos, cache.kv_lens[seq])
+      k_w, v_w = k_w[0], v_w[0]
+    sk, sv, sp = _stream_write(rule, sk, sv, sp, k_w, v_w, rows[seq], valid, pos, cache.kv_lens[seq])
   out = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=1)
   inverse = np.argsort(np.concatenate(order))
   out = out[:, inverse]
   b, _, heads, d = q.shape
-  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, sk, sv, sp)
+  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, sk, sv, sp, sks, svs, ks, vs)
+
+
+def _codes(x, dtype):
+  """(codes, per-token scales [T, S, 1]) of x [T, S, d] in a quantized dtype (kv_quant's per-token layout)."""
+  s = kv_quant.token_scales(x, dtype)
+  return kv_quant.quantize(x, s, dtype), s
 
 
 def _stream_attend(rule: DuoRule, q, k_new, v_new, sk, sv, sp, row, seq, valid, pos, sliding_window):
