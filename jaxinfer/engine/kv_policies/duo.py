@@ -9,8 +9,9 @@ window; the `retrieval_heads` fraction of heads with the largest share are retri
 Layout (policy "duo", realised): the paged pool holds only each layer's retrieval KV heads, the streaming
 heads live in a fixed store of sinks + window slots per request row (duo_store.py), so a page costs
 R_l / num_kv_heads of a full one and engine.kv_cache_bytes (less the store's fixed bytes) buys
-num_kv_heads / R more pages (pages_for_budget). The one-pool masked layout is policy "duo_masked"
-(duo_masked.py), the ablation, and what a sharded model or a quantized pool must use (refused here, no
+num_kv_heads / R more pages (pages_for_budget). A quantized pool (kv_cache_dtype int8 / float8_e4m3fn)
+quantizes both: the pages with the pool's own layout, the store per token. The one-pool masked layout is
+policy "duo_masked" (duo_masked.py), the ablation, and what a sharded model must use (refused here, no
 fallback).
 """
 

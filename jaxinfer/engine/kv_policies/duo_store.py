@@ -16,7 +16,9 @@ One layer of one step:
                    store (per sequence its sinks and its last `window` tokens), so a chunk longer than the
                    window never overwrites a key its earlier queries still need
 Query heads are grouped by kv head (head h * G + g reads kv head h); the two groups' outputs go back into
-head order. A sequence new to its row (PolicyStep.reset: admitted, or re-admitted after preemption) empties
+head order. A quantized pool (int8 / float8_e4m3fn): the pages are written with kv_quant.store and read by
+the kernels with their scales; the store holds codes with a scale per token and head (DuoState.store_ks /
+store_vs), and the chunk's own k/v are attended as the store will give them back (kv_quant.roundtrip). A sequence new to its row (PolicyStep.reset: admitted, or re-admitted after preemption) empties
 its row first. Prefix caching cannot name duo pages (their streaming heads' k/v are not in them): the policy's
 register_limit is 0.
 
