@@ -51,9 +51,10 @@ def _serve(engine, prompts, new, preempt_at=None):
 def test_duo_matches_masked_and_dense_reference(model, positions, async_scheduling):
   cfg = model.config
   rng = np.random.default_rng(7)
-  prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (29, 21, 40)]  # > sinks + window, 3 requests
+  prompts = [rng.integers(1, cfg.vocab_size, n).tolist() for n in (29, 21, 16)]  # > sinks + window, 3 requests
+  prompts[2] = prompts[0][:24] + prompts[2]  # a shared prefix: prefix caching must not name duo's pages
   new = 9
-  realised = _engine(model, "duo", positions, async_scheduling=async_scheduling)
+  realised = _engine(model, "duo", positions, async_scheduling=async_scheduling, enable_prefix_caching=True)
   got = _serve(realised, prompts, new, preempt_at=4)
   assert realised.stats["preemptions"] == 1 and realised.stats["partial_prefills"] > 0
   masked = _serve(_engine(model, "duo_masked", positions), prompts, new)
