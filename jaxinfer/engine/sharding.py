@@ -91,6 +91,8 @@ def shard_policy_state(pool, sharding: EngineSharding | None):
   device allocates only its shard, and every process of a multi-host mesh builds the same state."""
   if sharding is None or pool.policy is None:
     return pool
+  if hasattr(pool.policy, "shard"):  # a state of its own layout (kv_policies/duo_store.py DuoState)
+    return pool.replace(policy=pool.policy.shard(sharding))
   from jaxinfer.engine.kv_policies.attention import STATE_HEAD_AXIS, PolicyState
 
   st = pool.policy

@@ -57,8 +57,8 @@ def test_duo_matches_masked_and_dense_reference(model, positions, async_scheduli
   realised = _engine(model, "duo", positions, async_scheduling=async_scheduling, enable_prefix_caching=True)
   got = _serve(realised, prompts, new, preempt_at=4)
   assert realised.stats["preemptions"] == 1 and realised.stats["partial_prefills"] > 0
-  masked = _serve(_engine(model, "duo_masked", positions), prompts, new)
-  assert got == masked
+  if positions == "original":  # the masked one-pool layout gives the same tokens (once: it costs an engine)
+    assert got == _serve(_engine(model, "duo_masked", positions), prompts, new)
   heads = [[c == "s" for c in row] for row in CLASSES]
   for prompt, out in zip(prompts, got):
     tokens = prompt + out
@@ -132,7 +132,3 @@ def test_duo_refusals_name_the_field(model):
     jaxinfer.Engine(model, kv_policy=all_streaming, kv_cache_bytes=10**6)
   with pytest.raises(ConfigError, match=r"^engine\.kv_cache_bytes: .*store"):
     _engine(model, "duo", kv_cache_bytes=1000, max_model_len=None)
-  policy = duo.DuoPolicy(KVPolicyConfig(name="duo", head_classes=CLASSES), model.config,
-                         _engine(model, "none").engine_config)
-  with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: .*duo_masked"):
-    policy.layer_kv_heads(sharding=object())

@@ -165,11 +165,36 @@ def test_policy_on_pool_with_repeated_kv_heads_is_refused(models, checkpoint):
         **POLICIES["streaming"]))
 
 
-def test_realised_duo_on_sharded_model_points_to_duo_masked(models):
-  """duo keeps a different number of kv heads per layer in the pool: a pool split on kv heads is refused,
-  naming the field and the policy that runs there."""
+def test_realised_duo_on_tensor_parallel_model(models):
+  """duo's pages (retrieval heads) and store (streaming heads) split on kv heads: a layer all retrieval and one
+  all streaming give each shard an equal share and match one device; head classes that do not split evenly
+  over the shards are refused, pointing to duo_masked."""
   from jaxinfer.config import ConfigError
 
-  policy = KVPolicyConfig(**(POLICIES["duo_masked"] | {"name": "duo"}))
+  policy = KVPolicyConfig(name="duo", sink_tokens=4, window=8, head_classes=("rr", "ss"))
+  prompts = [np.random.default_rng(3).integers(1, models["one"].config.vocab_size, PROMPT).tolist()]
+  want, want_logp, _ = _run_plain(models["one"], policy, prompts)
+  got, got_logp, engine = _run_plain(models["tensor2"], policy, prompts)
+  assert got == want
+  np.testing.assert_allclose(got_logp[0], want_logp[0], atol=LOGPROB_ATOL, rtol=0)
+  pool = engine.runner.pool
+  assert [k.shape[2] for k in pool.k] == [2, 0] and [x.shape[2] for x in pool.policy.store_k] == [0, 2]
+  for x in pool.k + pool.v + pool.policy.store_k + pool.policy.store_v:
+    if x.size:  # (a layer with no head of a kind holds an empty array, whatever its sharding)
+      _split_on_kv_heads(x, 2, 2)
+  uneven = KVPolicyConfig(**(POLICIES["duo_masked"] | {"name": "duo"}))
   with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: duo .*name='duo_masked'"):
-    jaxinfer.Engine(models["tensor2"], max_batch_size=2, page_size=PS, max_model_len=64, kv_policy=policy)
+    jaxinfer.Engine(models["tensor2"], max_batch_size=2, page_size=PS, max_model_len=64, kv_policy=uneven)
+
+
+def _run_plain(model, policy, prompts):
+  engine = jaxinfer.Engine(model, max_batch_size=2, page_size=PS, max_step_tokens=STEP, min_token_bucket=STEP,
+                           max_model_len=128, async_scheduling=False, kv_policy=policy)
+  rids = [engine.add_request(p, SamplingParams(logprobs=True), max_new_tokens=NEW) for p in prompts]
+  out, logp = {r: [] for r in rids}, {r: [] for r in rids}
+  while engine.has_unfinished():
+    for o in engine.step():
+      out[o.request_id] += o.new_token_ids
+      logp[o.request_id] += o.logprobs
+  engine.check_pages()
+  return [out[r] for r in rids], [np.asarray(logp[r]) for r in rids], engine

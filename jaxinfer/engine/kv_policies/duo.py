@@ -106,10 +106,23 @@ class DuoPolicy(EvictionPolicy):
   def layer_kv_heads(self, sharding) -> tuple:
     """KV heads the pool holds per layer (KVPool.create): the retrieval heads only."""
     if sharding is not None:
-      raise ConfigError("engine.kv_policy.name: duo keeps a different number of kv heads per layer in the pool, "
-                        "which the sharded pool (split on kv heads) does not; use name='duo_masked' on a sharded "
-                        "model")
+      self._check_shards(sharding)
     return tuple(len(r) for r in self.retrieval)
+
+  def _check_shards(self, sharding) -> None:
+    """A sharded pool splits each layer's pages (retrieval heads) and store (streaming heads) evenly on the
+    head axis: every shard's block of kv heads must hold the same number of retrieval heads in each layer."""
+    from jaxinfer.engine.kv_policies.duo_store import _head_shards
+
+    tp = _head_shards(sharding)
+    block = self.kv_heads // tp if sharding.kv_repeat == 1 else 0
+    for layer, row in enumerate(self.config.head_classes):
+      counts = {row[i:i + block].count("r") for i in range(0, self.kv_heads, block)} if block else {None}
+      if len(counts) != 1 or None in counts:
+        raise ConfigError(f"engine.kv_policy.name: duo on a model sharded over {sharding.head_axes} (size {tp}) "
+                          f"needs every shard's {block or 'repeated'} kv heads to hold the same number of "
+                          f"retrieval heads in each layer (layer {layer}: {row!r}, blocks of {block} heads); "
+                          "use name='duo_masked' there, or head classes that split evenly")
 
   def init_state(self, num_slots: int, rows: int, table_slots: int):
     from jaxinfer.engine.kv_policies.duo_store import DuoState

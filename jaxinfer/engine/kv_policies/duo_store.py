@@ -61,6 +61,17 @@ class DuoState:
     return cls(store_k=kv(head_dim, dtype), store_v=kv(head_dim, dtype),
                store_pos=tuple(jnp.full((rows, slots), -1, jnp.int32) for _ in stream_heads), **scales)
 
+  def shard(self, sharding) -> "DuoState":
+    """The state split on kv heads like the pool (store_pos replicated): each device keeps its heads' store."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    heads = NamedSharding(sharding.mesh, sharding.heads_spec(2))
+    put = lambda xs: None if xs is None else tuple(jax.device_put(x, heads) for x in xs)  # noqa: E731
+    return DuoState(store_k=put(self.store_k), store_v=put(self.store_v), store_ks=put(self.store_ks),
+                    store_vs=put(self.store_vs),
+                    store_pos=tuple(jax.device_put(x, NamedSharding(sharding.mesh, P())) for x in self.store_pos))
+
   @property
   def nbytes(self) -> int:
     arrays = self.store_k + self.store_v + self.store_pos + (self.store_ks or ()) + (self.store_vs or ())
@@ -87,41 +98,81 @@ class DuoRule(MaskRule):
                          policy=cache.policy.replace(state=state), **scales)
 
 
-def _query_heads(kv_heads, group: int) -> np.ndarray:
-  return (np.asarray(kv_heads, np.int64)[:, None] * group + np.arange(group)[None, :]).reshape(-1)
+def _query_heads(kv_heads, group: int):
+  """Query heads (h * group + g) of kv heads [n] (a NumPy or traced array) -> [n * group]."""
+  return (kv_heads[:, None] * group + jnp.arange(group, dtype=jnp.int32)[None, :]).reshape(-1)
+
+
+# the kv-head axis of each per-layer input of the pass (sharded models split every one there; store_pos and
+# the step's metadata are replicated: every shard writes the same positions)
+HEAD_AXIS = dict(q=1, k=1, v=1, kp=2, vp=2, ks=2, vs=2, sk=2, sv=2, sks=2, svs=2, ret=0, strm=0)
 
 
 def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_window):
-  """PagedKVCache.attend under the realised duo layout -> (out [1, T, heads, d], layer state)."""
+  """PagedKVCache.attend under the realised duo layout -> (out [1, T, heads, d], layer state).
+
+  On a sharded model the pass runs per shard under shard_map: each shard holds an equal share of the layer's
+  retrieval and streaming heads (DuoPolicy.layer_kv_heads checks it), so its pages, store and q heads are its
+  own; the head indices go in as arrays split like the heads (each shard's indices within its block)."""
+  st = cache.policy.state
+  kv_heads = len(rule.retrieval[layer]) + len(rule.streaming[layer])
+  tp = 1 if cache.sharding is None else _head_shards(cache.sharding)
+  local = kv_heads // tp  # kv heads per shard: index h of the model is h % local on its shard
+  arrays = dict(q=q[0], k=k[0], v=v[0], kp=cache.k_pages[layer], vp=cache.v_pages[layer],
+                sk=st.store_k[layer], sv=st.store_v[layer],
+                ret=jnp.asarray(np.asarray(rule.retrieval[layer], np.int32) % local, jnp.int32),
+                strm=jnp.asarray(np.asarray(rule.streaming[layer], np.int32) % local, jnp.int32))
+  if cache.k_scales is not None:
+    arrays.update(ks=cache.k_scales[layer], vs=cache.v_scales[layer])
+  if st.store_ks is not None:
+    arrays.update(sks=st.store_ks[layer], svs=st.store_vs[layer])
+  bare = cache.replace(k_pages=(), v_pages=(), k_scales=None, v_scales=None,
+                       policy=cache.policy.replace(state=None))
+  pos = positions[0].astype(jnp.int32)
+  has = (bool(rule.retrieval[layer]), bool(rule.streaming[layer]))
+  fn = lambda meta, p, sp, a: _attend_local(rule, has, meta, p, sp, sliding_window, **a)  # noqa: E731
+  names = ("kp", "vp", "sk", "sv", "sp", "sks", "svs", "ks", "vs")
+  if cache.sharding is None:
+    out, layer_kv = fn(bare, pos, st.store_pos[layer], arrays)
+  else:
+    from jax.sharding import PartitionSpec as P
+
+    specs = {name: cache.sharding.heads_spec(HEAD_AXIS[name]) for name in arrays}
+    out_specs = (specs["q"], tuple(specs.get(n, P()) for n in names))
+    out, layer_kv = jax.shard_map(fn, mesh=cache.sharding.mesh, in_specs=(P(), P(), P(), specs),
+                                  out_specs=out_specs, check_vma=False)(bare, pos, st.store_pos[layer], arrays)
+  b, t, heads, d = q.shape
+  return out.reshape(b, t, heads, d).astype(q.dtype), layer_kv
+
+
+def _head_shards(sharding) -> int:
+  n = 1
+  for a in sharding.head_axes:
+    n *= sharding.mesh.shape[a]
+  return n
+
+
+def _attend_local(rule: DuoRule, has, cache, pos, sp, sliding_window, *, q, k, v, kp, vp, sk, sv, ret, strm,
+                  ks=None, vs=None, sks=None, svs=None):
+  """The pass over the heads given (all, or one shard's): q [T, H*G, d], new k/v [T, H, d]; ret / strm the
+  retrieval / streaming kv heads among these H. -> (out [T, H*G, d], the layer's updated pages and store)."""
   from jaxinfer.engine.paged_cache import token_sequence
 
-  if cache.sharding is not None:
-    raise NotImplementedError("the realised duo layout on a sharded model (DuoPolicy refuses it)")
-  ret, strm, g = rule.retrieval[layer], rule.streaming[layer], rule.group
-  q0, k0, v0 = q[0], k[0], v[0]
-  t = q0.shape[0]
-  pos = positions[0].astype(jnp.int32)
-  kp, vp = cache.k_pages[layer], cache.v_pages[layer]
+  g = rule.group
+  t = q.shape[0]
   pol = cache.policy
-  st = pol.state
-  ks = vs = None
-  if cache.k_scales is not None:
-    ks, vs = cache.k_scales[layer], cache.v_scales[layer]
-  parts, order = [], []
-  if ret:
-    idx = np.asarray(ret)
-    q_r = q0[:, _query_heads(ret, g)]
+  out = jnp.zeros(q.shape, jnp.float32)
+  if has[0]:
+    qi = _query_heads(ret, g)
+    q_r = q[:, qi]
     if ks is None:
-      kp, vp = store(kp, vp, cache.slots, k0[:, idx], v0[:, idx])
-      parts.append(cache._attention(q_r, kp.astype(q.dtype), vp.astype(q.dtype), pos, sliding_window))
+      kp, vp = store(kp, vp, cache.slots, k[:, ret], v[:, ret])
+      out_r = cache._attention(q_r, kp.astype(q.dtype), vp.astype(q.dtype), pos, sliding_window)
     else:  # quantize on write; the kernels dequantize the tiles they load
-      kp, vp, ks, vs = kv_quant.store(kp, vp, ks, vs, cache.slots, k0[:, idx], v0[:, idx])
-      parts.append(cache._attention(q_r, kp, vp, pos, sliding_window, ks, vs))
-    order.append(_query_heads(ret, g))
-  sk, sv, sp = st.store_k[layer], st.store_v[layer], st.store_pos[layer]
-  sks = None if st.store_ks is None else st.store_ks[layer]
-  svs = None if st.store_vs is None else st.store_vs[layer]
-  if strm:
+      kp, vp, ks, vs = kv_quant.store(kp, vp, ks, vs, cache.slots, k[:, ret], v[:, ret])
+      out_r = cache._attention(q_r, kp, vp, pos, sliding_window, ks, vs)
+    out = out.at[:, qi].set(out_r.astype(jnp.float32))
+  if has[1]:
     seq, valid = token_sequence(cache.cu_q_lens, cache.num_seqs, t)
     s_pad = cache.kv_lens.shape[0]
     live = jnp.arange(s_pad) < cache.num_seqs
@@ -129,27 +180,22 @@ def duo_attend(rule: DuoRule, cache, layer: int, q, k, v, positions, sliding_win
     # a sequence new to its row starts from an empty store row (padding sequences write nothing)
     reset_rows = jnp.where(live & pol.reset, rows, sp.shape[0])
     sp = sp.at[reset_rows].set(-1, mode="drop")
-    idx = np.asarray(strm)
-    q_s = q0[:, _query_heads(strm, g)]
-    k_s, v_s = k0[:, idx], v0[:, idx]
+    qi = _query_heads(strm, g)
+    k_s, v_s = k[:, strm], v[:, strm]
     old_k, old_v = sk, sv
     if sks is not None:  # a quantized store: the chunk's own k/v as the store will give them back
       k_s, v_s = kv_quant.roundtrip(k_s, sk.dtype), kv_quant.roundtrip(v_s, sv.dtype)
       old_k, old_v = kv_quant.dequantize(sk, sks), kv_quant.dequantize(sv, svs)
-    out_s = _stream_attend(rule, q_s, k_s, v_s, old_k, old_v, sp, rows[seq], seq, valid, pos, sliding_window)
-    parts.append(out_s)
-    order.append(_query_heads(strm, g))
-    k_w, v_w = k0[:, idx], v0[:, idx]
+    out_s = _stream_attend(rule, q[:, qi], k_s, v_s, old_k, old_v, sp, rows[seq], seq, valid, pos, sliding_window)
+    out = out.at[:, qi].set(out_s)
+    k_w, v_w = k[:, strm], v[:, strm]
+    end = cache.kv_lens[seq]
     if sks is not None:
       k_w, v_w = _codes(k_w, sk.dtype), _codes(v_w, sv.dtype)
-      sks, svs, _ = _stream_write(rule, sks, svs, sp, k_w[1], v_w[1], rows[seq], valid, pos, cache.kv_lens[seq])
+      sks, svs, _ = _stream_write(rule, sks, svs, sp, k_w[1], v_w[1], rows[seq], valid, pos, end)
       k_w, v_w = k_w[0], v_w[0]
-    sk, sv, sp = _stream_write(rule, sk, sv, sp, k_w, v_w, rows[seq], valid, pos, cache.kv_lens[seq])
-  out = jnp.concatenate([p.astype(jnp.float32) for p in parts], axis=1)
-  inverse = np.argsort(np.concatenate(order))
-  out = out[:, inverse]
-  b, _, heads, d = q.shape
-  return out.reshape(b, t, heads, d).astype(q.dtype), (kp, vp, sk, sv, sp, sks, svs, ks, vs)
+    sk, sv, sp = _stream_write(rule, sk, sv, sp, k_w, v_w, rows[seq], valid, pos, end)
+  return out, (kp, vp, sk, sv, sp, sks, svs, ks, vs)
 
 
 def _codes(x, dtype):
