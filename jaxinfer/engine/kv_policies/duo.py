@@ -11,8 +11,8 @@ heads live in a fixed store of sinks + window slots per request row (duo_store.p
 R_l / num_kv_heads of a full one and engine.kv_cache_bytes (less the store's fixed bytes) buys
 num_kv_heads / R more pages (pages_for_budget). A quantized pool (kv_cache_dtype int8 / float8_e4m3fn)
 quantizes both: the pages with the pool's own layout, the store per token. The one-pool masked layout is
-policy "duo_masked" (duo_masked.py), the ablation, and what a sharded model must use (refused here, no
-fallback).
+policy "duo_masked" (duo_masked.py), the ablation, and what a sharded model must use when its head classes
+do not fall evenly on the shards (refused here, no fallback).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ Every head of a layer shares slots, so a streaming head's dropped tokens are onl
 attention.py) while the retrieval heads of the same layer still hold them: pages only go back when no head
 needs them, which with any retrieval head is never. No memory is saved (kv_fraction is accounting); the
 realised layout is policy "duo" (duo.py, duo_store.py). This one remains the layout for what "duo" refuses:
-a sharded model (its per-shard masked pass splits every head of the pool alike).
+a sharded model whose retrieval heads do not fall evenly on the shards (its per-shard masked pass splits
+every head of the pool alike).
 """
 
 from __future__ import annotations
