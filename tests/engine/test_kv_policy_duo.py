@@ -116,7 +116,8 @@ def test_duo_on_a_quantized_pool_matches_the_quantized_reference(model):
   vis = R.streaming_visibility(n, cfg.num_layers, cfg.num_kv_heads, SINKS, WINDOW,
                                [[c == "s" for c in row] for row in CLASSES])
   logits = R.masked_logits(model, tokens, vis, quant_dtype="int8")
-  lp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  top = logits.max(-1, keepdims=True)
+  lp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   rows = np.arange(len(prompt) - 1, n - 1)
   assert out == logits[rows].argmax(-1).tolist()
   np.testing.assert_allclose(logp, lp[rows, tokens[len(prompt):]], atol=1e-4)

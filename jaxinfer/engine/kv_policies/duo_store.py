@@ -18,9 +18,10 @@ One layer of one step:
 Query heads are grouped by kv head (head h * G + g reads kv head h); the two groups' outputs go back into
 head order. A quantized pool (int8 / float8_e4m3fn): the pages are written with kv_quant.store and read by
 the kernels with their scales; the store holds codes with a scale per token and head (DuoState.store_ks /
-store_vs), and the chunk's own k/v are attended as the store will give them back (kv_quant.roundtrip). A sequence new to its row (PolicyStep.reset: admitted, or re-admitted after preemption) empties
-its row first. Prefix caching cannot name duo pages (their streaming heads' k/v are not in them): the policy's
-register_limit is 0.
+store_vs), and the chunk's own k/v are attended as the store will give them back (kv_quant.roundtrip).
+A sequence new to its row (PolicyStep.reset: admitted, or re-admitted after preemption) empties its row
+first. Prefix caching cannot name duo pages (their streaming heads' k/v are not in them): the policy's
+register_limit is 0. On a sharded model the pass runs per shard (duo_attend).
 
 positions="cache" (StreamingLLM's within-cache positions): the streaming heads' sink keys score against the
 query rotated back by max(0, p - window + 1 - sinks), as in attention.py.
