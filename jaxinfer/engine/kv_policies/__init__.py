@@ -1,6 +1,7 @@
 """KV-cache eviction policies of the engine (config section engine.kv_policy); see docs/kv_compression.md.
 
-One file per policy (streaming.py, snapkv.py, h2o.py, duo.py), registered by name (registry.py); the shared
+One file per policy (streaming.py, snapkv.py, h2o.py, duo.py with its store duo_store.py, duo_masked.py),
+registered by name (registry.py); the shared
 host side is base.py, the attention pass attention.py, the device programs device.py, dense references
 reference.py."""
 

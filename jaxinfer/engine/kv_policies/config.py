@@ -5,7 +5,8 @@
 
 Fields (which ones a policy reads is said in its file under jaxinfer/engine/kv_policies/):
   name         "none" | "streaming" | "snapkv" | "h2o" | "duo" (any name in the registry; "h2o_unscored":
-               H2O without its scoring, an ablation for timing, h2o_unscored.py)
+               H2O without its scoring, an ablation for timing, h2o_unscored.py; "duo_masked": Duo's heads
+               masked in one pool, duo_masked.py)
   sink_tokens  streaming / duo: the first tokens every query keeps seeing (attention sinks)
   window       streaming / duo: most recent tokens seen, the query itself included; snapkv: the observation
                window W (the last W prompt queries that score the prompt); h2o: the recent tokens always kept
