@@ -36,6 +36,7 @@ from jaxinfer.experiments.timing import compare  # noqa: E402
 def policies(prefix_len: int, suffix_len: int) -> dict:
   prompt = prefix_len + suffix_len
   return {
+      "none (no policy)": dict(name="none"),
       "streaming (window covers all)": dict(name="streaming", sink_tokens=4, window=prompt + 64),
       "snapkv (budget > prompt)": dict(name="snapkv", window=16, budget=prompt + 64),
       "snapkv (budget = prompt / 4)": dict(name="snapkv", window=16, budget=prompt // 4),
@@ -78,7 +79,7 @@ def main(argv=None):
       rng = np.random.default_rng(prefix_len)  # the same prompts for every policy
       prefix = rng.integers(0, cfg.vocab_size, size=prefix_len).tolist()
       engine.run([prefix], max_new_tokens=1, progress=False)  # prefilled once (pages named where the policy lets)
-      grouped = label.startswith(("streaming", "snapkv (budget >"))
+      grouped = label.startswith(("none", "streaming", "snapkv (budget >"))
       cases = {"alone": _decode_case(engine, e, prefix, rng, False)}
       if grouped:
         cases["grouped"] = _decode_case(engine, e, prefix, rng, True)

@@ -8,9 +8,11 @@ without a policy), and the rest is the policy's masked pass over the pages after
 shifted by seq_prefix_lens // page_size, kv_len reduced alike, key positions read from PolicyState.slot_pos
 as always). Rows in no group have seq_prefix_lens 0: their masked pass covers every page, their prefix part
 is empty (lse -inf) and the merge returns their pass's output unchanged, so they go through the policy's own
-attention in the same step. The two partials are merged exactly by their log-sum-exps. When every row of the step
-sees the plain view (checked on the device from the slot positions, cheap next to the attention), the
-suffix part is the paged kernel instead of the masked pass: one branch of a lax.cond runs, both exact.
+attention in the same step. The two partials are merged exactly by their log-sum-exps.
+
+Cost: the suffix pass still gathers the full page-table width per row (static shapes; the shift only moves
+which pages it reads), so on top of the policy's own pass the prefix part is extra work until the suffix
+table gets a narrower static width (docs/kv_compression.md, "KV policies with shared-prefix attention").
 
 Scores: a grouped row carries weight 0 (plain_view guarantees it and BatchBuilder checks it), so the mass
 accumulated is that of ungrouped rows only, whose probabilities are over all their visible keys (no prefix
@@ -19,11 +21,8 @@ part). Scoring sequences (H2O) are therefore kept out of groups rather than scor
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-
-import pallas_kernels
 
 from jaxinfer.engine.kv_policies.attention import _rotate, accumulate_scores, gather_pages, visibility
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
@@ -61,11 +60,7 @@ def masked_attention_lse(q, k, v, key_pos, q_pos, vis, rule, layer: int, stream_
 def grouped_policy_attention(cache, layer: int, pos, sliding_window, *, q, kp, vp, slot_pos, score,
                              stream=None):
   """q [T, H*G, d] over this layer's float pages kp / vp (the new k/v already stored, slot_pos updated) in a
-  step with prefix groups -> (out [T, H*G, d] float32, score updated).
-
-  The suffix part takes one of two exact branches (lax.cond, one runs): when every row of the step sees the
-  plain causal view (each slot holding its logical position, all visible, no row scored) the paged kernel
-  (ragged_paged_attention, as PagedKVCache's own shared-prefix path); otherwise the policy's masked pass."""
+  step with prefix groups -> (out [T, H*G, d] float32, score updated)."""
   from jaxinfer.engine.paged_cache import token_sequence
 
   pol, rule = cache.policy, cache.policy_rule
@@ -83,28 +78,11 @@ def grouped_policy_attention(cache, layer: int, pos, sliding_window, *, q, kp, v
   key_pos = slot_pos.reshape(-1, ps, hkv)[suffix_table].reshape(s_pad, width * ps, hkv)[seq]
   kv_len = jnp.where(valid, suffix_lens[seq], 0)
   vis = visibility(key_pos, pos, kv_len, rule, layer, sliding_window, stream_heads=stream)
-  plain = _plain_step(key_pos, pos, kv_len, shift[seq] * ps, rule, layer, stream, valid, pol)
-
-  def kernel_suffix():
-    out_s, lse_s = pallas_kernels.ragged_paged_attention(
-        q, kq, vq, suffix_table, suffix_lens, cache.cu_q_lens, cache.num_seqs, sliding_window=sliding_window,
-        return_lse=True, implementation=cache.attention_impl, interpret=cache.interpret)
-    new_score = score
-    if rule.scores:  # nothing scored (plain_step), but new rows and new slots still start from zero
-      zero = jnp.zeros((t, hkv, q.shape[1] // hkv, width * ps), jnp.float32)
-      new_score = accumulate_scores(score, zero, seq, valid, pol, cache, width * ps)
-    return out_s.astype(jnp.float32), lse_s.astype(jnp.float32), new_score
-
-  def masked_suffix():
-    kg = gather_pages(kp, None, suffix_table, seq)  # [T, L, H, d]
-    vg = gather_pages(vp, None, suffix_table, seq)
-    out_s, lse_s, probs = masked_attention_lse(q, kg, vg, key_pos, pos, vis, rule, layer, stream_heads=stream)
-    new_score = score
-    if rule.scores:  # grouped rows weigh 0: only ungrouped rows (shift 0, logical slots as is) add mass
-      new_score = accumulate_scores(score, probs, seq, valid, pol, cache, width * ps)
-    return out_s, lse_s, new_score
-
-  out_s, lse_s, score = jax.lax.cond(plain, kernel_suffix, masked_suffix)
+  kg = gather_pages(kp, None, suffix_table, seq)  # [T, L, H, d]
+  vg = gather_pages(vp, None, suffix_table, seq)
+  out_s, lse_s, probs = masked_attention_lse(q, kg, vg, key_pos, pos, vis, rule, layer, stream_heads=stream)
+  if rule.scores:  # grouped rows weigh 0: only ungrouped rows (shift 0, logical slots as is) add mass
+    score = accumulate_scores(score, probs, seq, valid, pol, cache, width * ps)
   # the prefix part: once per group over its prefix-cache pages, plain causal (the members' view)
   rows = jnp.clip(cache.group_rows, 0, t - 1)  # padding members compute something nobody keeps
   out_p, lse_p = paged_prefix_attention(q[rows], kq, vq, cache.group_table, cache.group_lens,
@@ -116,18 +94,3 @@ def grouped_policy_attention(cache, layer: int, pos, sliding_window, *, q, kp, v
   out, _ = merge_partials(out_pt, lse_pt, out_s, lse_s)
   return out, score
 
-
-def _plain_step(key_pos, pos, kv_len, first_logical, rule, layer: int, stream, valid, pol):
-  """True when the policy's suffix view of every row is the paged kernel's: each slot below kv_len holds its
-  logical position (first_logical [T] + index: what the kernel's causal mask assumes), every such slot at or
-  before the query is visible by the policy's rule (so no streaming mask and no sink re-rotation: a held,
-  hidden position would exist), and no row carries score weight."""
-  j = jnp.arange(key_pos.shape[1], dtype=jnp.int32)[None, :, None]
-  inside = j < kv_len[:, None, None]
-  logical = key_pos == first_logical[:, None, None] + j
-  rule_vis = visibility(key_pos, pos, kv_len, rule, layer, None, stream_heads=stream)
-  past = key_pos <= pos[:, None, None]
-  ok = jnp.all(jnp.where(inside, logical & (rule_vis | ~past), True))
-  if rule.scores:
-    ok = ok & jnp.all(jnp.where(valid, pol.weights, 0.0) == 0.0)
-  return ok
