@@ -90,6 +90,8 @@ def test_policy_with_shared_prefix_attention_matches_policy_alone(model, name):
     was = {rid for g in grouped_steps for rid in g}
     assert was & left
     assert all(end <= limit or rid not in g for g, d in log for rid, end in d.items())
+    # and in some grouped step a masked sequence ran beside the group (the policy's own path, same step)
+    assert any(g and any(end > limit for end in d.values()) for g, d in log)
   else:  # snapkv: the prompts over the budget were compacted and never grouped; some within it were grouped
     over = {rid for rid, i in index.items() if len(prompts[i]) > policy["budget"]}
     was = {rid for g in grouped_steps for rid in g}
