@@ -331,6 +331,9 @@ class BatchBuilder:
       a.group_lens[g] = prefix
       a.group_rows[g, :group.num_seqs] = a.cu_q_lens[members]
       a.seq_prefix_lens[members] = prefix
+      if a.policy_weights is not None and a.policy_weights[a.group_rows[g, :group.num_seqs]].any():
+        raise RuntimeError("a KV policy scores a row of a shared-prefix group (its mass over the prefix would be "
+                           "lost): EvictionPolicy.plain_view must keep scoring sequences out of groups")
     if self.tree_pad:
       a = a.replace(num_tree_rows=np.int32(members))
     b = b.replace(attn=a.replace(num_seqs=np.int32(len(seqs))))

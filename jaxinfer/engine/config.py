@@ -21,6 +21,10 @@ from jaxinfer.engine.speculative.config import SpeculativeConfig
 from jaxinfer.engine.kv_policies.config import KVPolicyConfig
 
 
+# KV policies that run with enable_shared_prefix_attention ("none" included): each has a plain_view hook
+SHARED_PREFIX_POLICIES = ("none", "streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored")
+
+
 def _positive(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ConfigError(f"engine.{name}: {name} must be a positive integer, got {value!r}")
@@ -94,9 +98,11 @@ class EngineConfig:
     if self.kv_policy.name != "none" and (self.max_rows_per_seq > 1 or self.speculative is not None):
       raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
                         "speculative verification (speculative, max_rows_per_seq > 1)")
-    if self.kv_policy.name != "none" and self.enable_shared_prefix_attention:
+    if self.enable_shared_prefix_attention and self.kv_policy.name not in SHARED_PREFIX_POLICIES:
+      # the policies whose plain_view hook decides when a sequence may join a prefix group (kv_policies/base.py)
       raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
-                        "shared-prefix attention (enable_shared_prefix_attention)")
+                        "shared-prefix attention (enable_shared_prefix_attention); those that do: "
+                        f"{', '.join(SHARED_PREFIX_POLICIES)}")
     if self.kv_dtype is not None:
       import jax.numpy as jnp
 

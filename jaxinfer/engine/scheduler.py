@@ -285,7 +285,7 @@ class Scheduler:
     by_first: dict[int, list[int]] = {}
     for i, s in enumerate(seqs):
       # only decodes: every page wholly before the new token is computed (and a shared page is always full)
-      if s.num_tokens == 1 and s.start // ps >= self.min_shared_prefix_pages:
+      if s.num_tokens == 1 and s.start // ps >= self.min_shared_prefix_pages and self._plain_view(s):
         by_first.setdefault(s.request.pages[0], []).append(i)
     found = []
     for members in by_first.values():
@@ -320,6 +320,11 @@ class Scheduler:
     grouped = set(order)
     order.extend(i for i in range(len(seqs)) if i not in grouped)
     return [seqs[i] for i in order], groups
+
+  def _plain_view(self, s: ScheduledSeq) -> bool:
+    """A KV policy lets a sequence join a group only while it sees the plain causal view over its pages (so
+    its shared pages are the unmodified prefix-cache pages); the others take the policy's own path."""
+    return self.kv_policy is None or self.kv_policy.plain_view(s.request, s.start + s.num_tokens)
 
   def register_computed(self, request: Request) -> None:
     """Names the request's full computed pages whose tokens became known since they were scheduled (async

@@ -181,6 +181,12 @@ def _attend_local(cache, layer: int, pos, sliding_window, *, q, k, v, kp, vp, sl
                                          sliding_window=sliding_window, implementation=cache.attention_impl,
                                          interpret=cache.interpret, **quant)
     return out, (kp, vp, slot_pos, score, ks, vs)
+  if cache.group_table is not None:  # shared-prefix groups: their prefix once per group (shared_prefix.py)
+    from jaxinfer.engine.kv_policies.shared_prefix import grouped_policy_attention
+
+    out, score = grouped_policy_attention(cache, layer, pos, sliding_window, q=q, kp=kp, vp=vp, slot_pos=slot_pos,
+                                          score=score, stream=stream)
+    return out.reshape(t, heads, d), (kp, vp, slot_pos, score, ks, vs)
   from jaxinfer.engine.paged_cache import token_sequence
 
   ps, pt = kp.shape[1], cache.page_table

@@ -166,3 +166,16 @@ class EvictionPolicy(KVPolicy):
 
   def runner_row(self, request) -> int:
     return self.builder.slot(request)
+
+  # ------------------------------------------------------------------ shared-prefix (Hydragen) attention
+  def plain_view(self, request, end: int) -> bool:
+    """True when the request's queries of a step ending at `end` (decode: end = its position + 1) see exactly
+    the plain causal view over its pages: every held slot visible, logical slot i holding position i, nothing
+    evicted, moved or re-rotated, and its rows carry no score weight. Only then may the scheduler put it in a
+    shared-prefix group (Scheduler._group), whose prefix part is plain attention over the prefix-cache pages.
+    Default False: a policy opts in by stating its condition (streaming.py, snapkv.py, h2o.py)."""
+    return False
+
+  def layout_untouched(self, request) -> bool:
+    """Nothing dropped or compacted: the request's pages hold its computed tokens in position order."""
+    return self.held_tokens(request) == request.num_computed

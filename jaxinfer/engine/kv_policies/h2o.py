@@ -76,3 +76,9 @@ class H2OPolicy(EvictionPolicy):
         raise RuntimeError(f"request {rid}: {self.held[rid] - visible} holes with {visible} slots visible "
                            f"(budget {budget})")
       self.compact_into_fresh_pages(request, visible, self.live_select)
+
+  def plain_view(self, request, end: int) -> bool:
+    # every H2O row scores (row_weights 1), and a grouped row's mass over the shared prefix is not computed by
+    # the prefix part: scoring sequences stay out of groups (h2o_unscored, which scores nothing, may join
+    # while nothing is evicted). register_limit is 0 besides, so H2O requests never share prefix pages.
+    return (not self.rule.scores and request.request_id not in self.evicted and self.layout_untouched(request))

@@ -46,3 +46,9 @@ class SnapKVPolicy(EvictionPolicy):
         self.compact_into_fresh_pages(request, self.config.budget, self.select)
       else:
         self.evicted.add(rid)  # nothing to drop; decode appends as usual (and its pages are not named)
+
+  def plain_view(self, request, end: int) -> bool:
+    # decode rows past the prompt carry no score weight; before any compaction the layout is the plain one
+    # (a prompt within the budget is never compacted; a longer one is, at the end of its prefill, for good)
+    prompt_end = self.prefill_end.get(request.request_id)
+    return prompt_end is not None and end > prompt_end and self.layout_untouched(request)

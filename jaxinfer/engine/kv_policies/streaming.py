@@ -67,3 +67,8 @@ class StreamingPolicy(EvictionPolicy):
       self.allocator.decref([page])
       self.held[rid] -= ps
     self.stats["evicted_pages"] += len(drop)
+
+  def plain_view(self, request, end: int) -> bool:
+    # a query at p < sinks + window sees every earlier key (and "cache" positions rotate no sink: delta = 0)
+    return (request.request_id not in self.evicted and self.layout_untouched(request)
+            and end <= self.config.sink_tokens + self.config.window)
