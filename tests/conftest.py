@@ -36,7 +36,8 @@ LONG_FIRST = ("parallel/test_multihost.py", "parallel/test_tensor_parallel.py", 
               "experiments/test_kv_compression_smoke.py", "experiments/test_speculative_smoke.py",
               "engine/test_kv_policy.py", "engine/test_kv_quantization.py", "pallas_kernels/test_paged_attention.py",
               "engine/test_medusa_engine.py", "train/test_medusa.py", "engine/test_kv_policy_quant.py",
-              "parallel/test_kv_policy_tp.py", "engine/test_kv_policy_table.py")
+              "parallel/test_kv_policy_tp.py", "engine/test_kv_policy_table.py",
+              "engine/test_kv_policy_duo.py", "engine/test_kv_policy_prefix_attention.py")
 
 
 def pytest_collection_modifyitems(items):
