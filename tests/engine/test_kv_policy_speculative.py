@@ -85,8 +85,8 @@ CASES = [("streaming", "ngram"), ("snapkv", "ngram"), ("streaming", "draft-small
 def test_speculation_keeps_the_policy_tokens(model, small, policy, method):
   rng = np.random.default_rng(len(policy) * 7 + len(method))
   kv = KVPolicyConfig(**POLICIES[policy])
-  prompts = _prompts(rng, 5, model.config.vocab_size)
-  news = [int(k) for k in rng.integers(24, 40, size=len(prompts))]
+  prompts = _prompts(rng, 4, model.config.vocab_size)
+  news = [int(k) for k in rng.integers(16, 28, size=len(prompts))]
   plain = jaxinfer.Engine(model, kv_policy=kv, enable_prefix_caching=True, **SHAPE)
   want = [plain.run([p], max_new_tokens=k, progress=False)[0] for p, k in zip(prompts, news)]
   engine = jaxinfer.Engine(model, kv_policy=kv, enable_prefix_caching=True, speculative=_spec(method, model, small),
@@ -147,7 +147,7 @@ def test_h2o_speculation_matches_dense_replay(model, small, method):
   unit = rng.integers(1, cfg.vocab_size, size=3).tolist()
   prompt = rng.integers(1, cfg.vocab_size, size=20).tolist() + unit * 6
   engine = jaxinfer.Engine(model, kv_policy=kv, speculative=_spec(method, model, small), **SHAPE)
-  out, steps = _record(engine, prompt, 40)
+  out, steps = _record(engine, prompt, 30)
   tokens = prompt + out
   n = len(tokens)
   vis = _replay_visibility(n, cfg.num_layers, cfg.num_kv_heads, steps)
@@ -174,8 +174,8 @@ def test_long_streaming_ngram_stream_in_fixed_pages(model):
   assert bound == 1 + -(-(16 + 8 + step) // PS) + 1 < 1024 // PS
   rng = np.random.default_rng(8)
   unit = rng.integers(1, model.config.vocab_size, size=5).tolist()
-  prompt = rng.integers(1, model.config.vocab_size, size=30).tolist() + unit * 120  # 630 tokens
-  rid = engine.add_request(prompt, max_new_tokens=60)
+  prompt = rng.integers(1, model.config.vocab_size, size=30).tolist() + unit * 74  # 400 tokens
+  rid = engine.add_request(prompt, max_new_tokens=40)
   used, out, rid_done = [], [], None
   while engine.has_unfinished():
     for o in engine.step():
@@ -191,7 +191,7 @@ def test_long_streaming_ngram_stream_in_fixed_pages(model):
       rid = None  # once
   assert engine.stats["preemptions"] == 0 and rid is None and rid_done is not None
   assert max(used) <= bound and engine.kv_policy.max_pages[rid_done] <= bound
-  assert engine.kv_policy.stats["evicted_pages"] >= (630 - 16 - 2 * step) // PS
+  assert engine.kv_policy.stats["evicted_pages"] >= (400 - 16 - 2 * step) // PS
   assert engine.stats["spec_accepted_tokens"] > 0
 
 
