@@ -79,6 +79,7 @@ def _drive(engine, prompts, news, rng, may_preempt):
 
 
 CASES = [("streaming", "ngram"), ("snapkv", "ngram"), ("streaming", "draft-small"), ("snapkv", "draft-same")]
+ACCEPTED = {"ngram": 1, "draft-small": 0, "draft-same": 20}
 
 
 @pytest.mark.parametrize("policy,method", CASES)
@@ -97,10 +98,11 @@ def test_speculation_keeps_the_policy_tokens(model, small, policy, method):
   got = _drive(engine, prompts, news, rng, may_preempt)
   assert got == want
   st, pst = engine.stats, engine.kv_policy.stats
-  # drafts verified and some accepted (a random tiny model rarely follows the prompt's n-grams; the draft
-  # that is the target itself agrees nearly always: its engine runs the same policy)
-  assert st["spec_draft_tokens"] >= 30 and st["spec_accepted_tokens"] >= (30 if method == "draft-same" else 1), st
-  assert pst["rollback_slots"] > 0 or method == "draft-same", pst  # rejected drafts rolled back
+  # drafts verified; accepted: some with prompt lookup (a random tiny model rarely follows the prompt's
+  # n-grams), most with the target as its own draft (its engine runs the same policy); the small draft is
+  # there for its rejections, rolled back
+  assert st["spec_draft_tokens"] >= 30 and st["spec_accepted_tokens"] >= ACCEPTED[method], st
+  assert pst["rollback_slots"] >= (0 if method == "draft-same" else 10), pst
   assert pst["evicted_pages"] > 0 and engine.check_pages()["in_use"] == 0
   assert st["preemptions"] > 0 and engine.prefix_stats["hit_tokens"] > 0
   assert max(engine.kv_policy.max_pages.values()) <= engine.pages_per_seq
