@@ -6,6 +6,7 @@ in a fixed number of pages (and rollbacks the policy refuses); the config's refu
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -164,6 +165,39 @@ def test_h2o_speculation_matches_dense_replay(model, small, method):
   held = [(p >= 0).sum(-1) for b, a, p in steps if p is not None and b >= len(prompt) + 1]
   assert held and all((h == kv.budget).all() for h in held)
   engine.check_pages()
+  _check_victims(model, tokens, vis, steps, len(prompt), kv)
+
+
+def _check_victims(model, tokens, vis, steps, prompt_len, kv):
+  """H2O's eviction rule after each decode step, from the replay's own attention: the mass of a slot is what
+  the rows that score (prefill rows and each step's own-token row, not drafts) gave it; the slots a step drops
+  are the (new tokens over the budget) lightest of those older than the window of the newest kept token."""
+  cfg = model.config
+  graphdef, state = nnx.split(model)
+  cache = R.MaskedDenseCache(vis=jnp.asarray(vis), model_config=cfg)
+  probs = np.stack([np.asarray(p) for p in R._forward(nnx.merge(graphdef, state), tokens, cache)[1].probs])
+  n, hkv = len(tokens), cfg.num_kv_heads
+  group = probs.reshape(cfg.num_layers, n, hkv, cfg.num_heads // hkv, n).sum(3)  # [layer, query, kv head, key]
+  scoring = np.arange(n) < prompt_len
+  checked = 0
+  for (before, after, pos), (_, _, nxt) in zip(steps[:-1], steps[1:]):
+    if before < prompt_len:
+      continue
+    scoring[before] = True
+    mass = (group * scoring[None, :, None, None]).sum(1)  # [layer, kv head, key]
+    for layer in range(cfg.num_layers):
+      for h in range(hkv):
+        cand = set(pos[layer, h][pos[layer, h] >= 0].tolist()) | set(range(before, after))
+        left = set(nxt[layer, h][nxt[layer, h] >= 0].tolist())
+        gone = cand - left
+        assert left <= cand and len(gone) == max(0, len(cand) - kv.budget), (before, after, layer, h)
+        old = {j for j in cand if j <= after - 1 - kv.window}
+        if gone:
+          assert gone <= old
+          survivors = sorted(old - gone)
+          assert max(mass[layer, h, sorted(gone)]) <= min(mass[layer, h, survivors]) + 1e-4, (before, layer, h)
+          checked += 1
+  assert checked >= 10
 
 
 def test_long_streaming_ngram_stream_in_fixed_pages(model):
