@@ -96,8 +96,12 @@ class EngineConfig:
     if not isinstance(self.kv_policy, KVPolicyConfig):
       raise ConfigError(f"engine.kv_policy: must be a KVPolicyConfig, got {type(self.kv_policy).__name__}")
     if self.kv_policy.name != "none" and (self.max_rows_per_seq > 1 or self.speculative is not None):
-      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
-                        "speculative verification (speculative, max_rows_per_seq > 1)")
+      from jaxinfer.engine.kv_policies.speculative import check
+
+      check(self)  # chain verification with streaming / snapkv / h2o*; tree verification and duo refused
+      if self.enable_shared_prefix_attention:
+        raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} runs with speculative "
+                          "verification or with shared-prefix attention, not with both at once")
     if self.enable_shared_prefix_attention and self.kv_policy.name not in SHARED_PREFIX_POLICIES:
       # the policies whose plain_view hook decides when a sequence may join a prefix group (kv_policies/base.py)
       raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "

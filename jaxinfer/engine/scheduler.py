@@ -342,23 +342,31 @@ class Scheduler:
       raise ValueError(f"rollback of {n} tokens: the request has {len(request.output)} generated tokens")
     if request.num_inflight:
       raise RuntimeError(f"rollback of request {request.request_id} while its tokens are still on the device")
-    if self.kv_policy is not None and n:
-      raise RuntimeError(f"rollback of request {request.request_id}: the KV policy {self.kv_policy.name!r} may "
-                         "have evicted slots the kept tokens need; rollback runs without a KV policy only")
     if n == 0:
       return []
-    del request.output[-n:]
-    del request.logprobs[-n:]
-    new_len = request.num_tokens
+    new_len = request.num_tokens - n
     ps = self.page_size
     untouched = (new_len - 1) // ps  # full pages wholly before the last kept token
-    if request.num_registered_pages > untouched:
+    rewrite_named = request.num_registered_pages > untouched
+    new_computed = min(request.num_computed, untouched * ps if rewrite_named else new_len - 1)
+    policy = self.kv_policy
+    if policy is not None:  # the policy drops its newest slots, or refuses (ValueError) before anything changes
+      if rewrite_named and policy.held_tokens(request) != request.num_computed:
+        raise ValueError(f"the cut falls in a page the prefix cache names and kv_policy {policy.name!r} moved or "
+                         "dropped slots before it (its kept tokens cannot be recomputed in place)")
+      policy.check_rollback(request, request.num_computed - new_computed, new_computed)
+    del request.output[-n:]
+    del request.logprobs[-n:]
+    if policy is not None:
+      policy.on_rollback(request, request.num_computed - new_computed, new_computed)
+    if rewrite_named:
       keep_pages = untouched
       request.num_registered_pages = untouched
-      request.num_computed = min(request.num_computed, untouched * ps)
+    elif policy is not None:
+      keep_pages = policy.pages_needed(request, new_len - new_computed)
     else:
       keep_pages = self.pages_for(new_len)
-      request.num_computed = min(request.num_computed, new_len - 1)
+    request.num_computed = new_computed
     del request.page_hashes[untouched:]
     released = request.pages[keep_pages:]
     request.pages = request.pages[:keep_pages]
@@ -367,8 +375,13 @@ class Scheduler:
     return released
 
   def trim(self, request: Request) -> None:
-    """Gives back pages beyond the request's tokens (after draft tokens were rejected)."""
-    keep = self.pages_for(request.num_tokens)
+    """Gives back pages beyond the request's tokens (after its draft tokens were verified; a KV policy first
+    rolls back the rejected ones' slots, EvictionPolicy.on_verified)."""
+    if self.kv_policy is not None and request.status is Status.RUNNING:
+      self.kv_policy.on_verified(request)
+      keep = self.kv_policy.pages_needed(request, request.num_tokens - request.num_computed)
+    else:
+      keep = self.pages_for(request.num_tokens)
     if request.status is Status.RUNNING and len(request.pages) > keep:
       released = request.pages[keep:]
       request.pages = request.pages[:keep]

@@ -42,6 +42,8 @@ class EvictionPolicy(KVPolicy):
     self.last_pages: dict[int, int] = {}  # request id -> pages it held after its latest step
     self.stats = {"evicted_pages": 0, "compactions": 0, "deferred_compactions": 0}
     self.runner = self.allocator = self.builder = None
+    self.step_end: dict[int, int] = {}  # request id -> position after the last slot its latest step wrote
+    self.stats["rollback_slots"] = 0  # held slots given up by rollbacks (rejected drafts, Scheduler.rollback)
 
   # ------------------------------------------------------------------ wiring (Engine)
   def bind(self, runner, allocator, builder) -> None:
@@ -100,6 +102,7 @@ class EvictionPolicy(KVPolicy):
     self.held.pop(rid, None)
     self.prefill_end.pop(rid, None)
     self.evicted.discard(rid)
+    self.step_end.pop(rid, None)
 
   # ------------------------------------------------------------------ batch
   def step_arrays(self, t_pad: int, s_pad: int) -> dict:
@@ -122,7 +125,10 @@ class EvictionPolicy(KVPolicy):
   def after_dispatch(self, schedule) -> None:
     for s in schedule.seqs:
       r = s.request
+      if s.draft_parents is not None:  # tree drafts: their accepted path moves slots (not followed here)
+        raise RuntimeError(f"request {r.request_id}: kv_policy {self.name!r} does not run with tree verification")
       self.held[r.request_id] = self.held.get(r.request_id, s.start) + s.num_tokens
+      self.step_end[r.request_id] = s.start + s.num_tokens
       self.on_step(r, s)
       self.max_pages[r.request_id] = max(self.max_pages.get(r.request_id, 0), len(r.pages))
       self.last_pages[r.request_id] = len(r.pages)
@@ -179,3 +185,43 @@ class EvictionPolicy(KVPolicy):
   def layout_untouched(self, request) -> bool:
     """Nothing dropped or compacted: the request's pages hold its computed tokens in position order."""
     return self.held_tokens(request) == request.num_computed
+
+  # ------------------------------------------------------------------ speculative verification, rollback
+  # A verification step writes the drafts' k/v after the request's own token (held counts them at once); the
+  # policy decides evictions from the certainly kept tokens only (certain_end), and once the drafts are
+  # verified (Scheduler.trim -> on_verified) the rejected ones are rolled back: held falls by their number,
+  # so their slots lie past kv_len (invisible) and the next tokens overwrite them.
+  @staticmethod
+  def certain_end(seq) -> int:
+    """Position after the step's last certainly kept token (its drafts may still be rejected)."""
+    return seq.start + seq.num_tokens - seq.num_draft
+
+  def check_rollback(self, request, n: int, end: int) -> None:
+    """ValueError if the request's n newest held slots cannot simply be dropped, keeping the tokens at
+    positions < end (subclasses: what their evictions allow). Base: they must be held."""
+    held = self.held_tokens(request)
+    if not 0 <= n <= held:
+      raise ValueError(f"rollback of {n} slots: request {request.request_id} holds {held}")
+
+  def on_rollback(self, request, n: int, end: int) -> None:
+    """The request's n newest held slots leave (rejected drafts, Scheduler.rollback), the tokens at positions
+    < end stay: held falls by n; the slots become invisible (past kv_len) and are rewritten by the tokens
+    that follow (the next one at position end)."""
+    self.check_rollback(request, n, end)
+    if n:
+      self.held[request.request_id] = self.held_tokens(request) - n
+      self.stats["rollback_slots"] += n
+
+  def on_verified(self, request) -> None:
+    """The request's drafts were verified (request.num_computed counts the accepted ones): the rejected
+    ones roll back, then after_verify does what the policy left for this moment."""
+    rejected = self.step_end.get(request.request_id, request.num_computed) - request.num_computed
+    if rejected < 0:
+      raise RuntimeError(f"request {request.request_id}: {request.num_computed} tokens computed, its latest "
+                         f"step wrote up to {self.step_end[request.request_id]}")
+    self.on_rollback(request, rejected, request.num_computed)
+    self.step_end[request.request_id] = request.num_computed
+    self.after_verify(request)
+
+  def after_verify(self, request) -> None:
+    """Hook: work a policy defers from a verification step's on_step until its drafts are verified."""

@@ -80,9 +80,10 @@ class DraftProposer(Proposer):
         d = None
       else:
         if len(have) > common:
-          self.engine.rollback(did, len(have) - common)
-        d.output.extend(tokens[common:])
-        d.logprobs.extend([0.0] * (len(tokens) - common))
+          d = self._rollback(did, len(have) - common)
+        if d is not None:
+          d.output.extend(tokens[common:])
+          d.logprobs.extend([0.0] * (len(tokens) - common))
     if d is None:
       sp = target.sampling
       sampling = SamplingParams(temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p, min_p=sp.min_p,
@@ -90,6 +91,18 @@ class DraftProposer(Proposer):
       did = self.engine.add_request(tokens, sampling=sampling, max_new_tokens=self.max_len - len(tokens))
       self._twin[target.request_id] = did
     return did
+
+  def _rollback(self, did, n: int):
+    """The twin without its n newest tokens, or None (cancelled) when its engine refuses the rollback (a KV
+    policy that already dropped what the kept tokens need: the twin then starts again from the known tokens)."""
+    from jaxinfer.engine.request import RequestRejected
+
+    try:
+      self.engine.rollback(did, n)
+    except RequestRejected:
+      self.engine.cancel(did)
+      return None
+    return self._request(did)
 
   def _budget(self, did) -> int:
     d = self._request(did)
