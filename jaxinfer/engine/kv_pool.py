@@ -104,7 +104,11 @@ class KVPool:
       positions = positions.at[(dst[:, None] * ps + offs).reshape(-1)].set(
           positions[(src[:, None] * ps + offs).reshape(-1)], mode="drop")
     scales = {} if self.k_scales is None else dict(k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
-    return self.replace(k=cp(self.k), v=cp(self.v), positions=positions, **scales)
+    policy = self.policy
+    if policy is not None:  # a KV policy's per-slot state travels with the slots (copy-on-write of a page)
+      offs = jnp.arange(ps, dtype=jnp.int32)
+      policy = policy.copy_slots((src[:, None] * ps + offs).reshape(-1), (dst[:, None] * ps + offs).reshape(-1))
+    return self.replace(k=cp(self.k), v=cp(self.v), positions=positions, policy=policy, **scales)
 
   def move_slots(self, src, dst) -> "KVPool":
     """Slot dst[i] of every layer takes slot src[i]'s k/v (gathered first, so moves may overlap; out-of-pool dst

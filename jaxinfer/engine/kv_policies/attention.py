@@ -44,6 +44,11 @@ class PolicyState:
     return cls(slot_pos=tuple(jnp.full((num_slots, kv_heads), -1, jnp.int32) for _ in range(num_layers)),
                score=tuple(jnp.zeros((rows, table_slots, kv_heads), jnp.float32) for _ in range(num_layers)))
 
+  def copy_slots(self, src, dst) -> "PolicyState":
+    """Slot dst[i] takes slot src[i]'s positions in every layer (KVPool.copy_pages; out-of-pool dst dropped).
+    Scores are per request row and logical slot, not per pool slot: they do not move."""
+    return self.replace(slot_pos=tuple(s.at[dst].set(s[src], mode="drop") for s in self.slot_pos))
+
 
 # the kv-head axis of each per-layer array of the policy pass (its inputs by name, and PolicyState's fields):
 # on a sharded model every one of them is split there (sharding.heads_spec)

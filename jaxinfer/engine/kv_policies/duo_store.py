@@ -73,6 +73,11 @@ class DuoState:
                     store_vs=put(self.store_vs),
                     store_pos=tuple(jax.device_put(x, NamedSharding(sharding.mesh, P())) for x in self.store_pos))
 
+  def copy_slots(self, src, dst) -> "DuoState":
+    """KVPool.copy_pages (prefix-cache copy-on-write) never reaches duo: its pages are never named (the
+    streaming heads' k/v are not in them), so a copy would be a bug upstream, not something to carry out."""
+    raise RuntimeError("copy of pages under the realised duo layout: duo pages are never shared")
+
   @property
   def nbytes(self) -> int:
     arrays = self.store_k + self.store_v + self.store_pos + (self.store_ks or ()) + (self.store_vs or ())
