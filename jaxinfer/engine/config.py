@@ -22,9 +22,6 @@ from jaxinfer.engine.kv_policies.config import KVPolicyConfig
 
 
 # KV policies that run with enable_shared_prefix_attention ("none" included): each has a plain_view hook
-SHARED_PREFIX_POLICIES = ("none", "streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored")
-
-
 def _positive(name: str, value) -> None:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
     raise ConfigError(f"engine.{name}: {name} must be a positive integer, got {value!r}")
@@ -102,11 +99,8 @@ class EngineConfig:
       if self.enable_shared_prefix_attention:
         raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} runs with speculative "
                           "verification or with shared-prefix attention, not with both at once")
-    if self.enable_shared_prefix_attention and self.kv_policy.name not in SHARED_PREFIX_POLICIES:
-      # the policies whose plain_view hook decides when a sequence may join a prefix group (kv_policies/base.py)
-      raise ConfigError(f"engine.kv_policy.name: kv_policy {self.kv_policy.name!r} does not run with "
-                        "shared-prefix attention (enable_shared_prefix_attention); those that do: "
-                        f"{', '.join(SHARED_PREFIX_POLICIES)}")
+    # shared-prefix attention runs with every KV policy: a sequence joins a prefix group only while its policy's
+    # plain_view says its view is the plain causal one (kv_policies/base.py; False by default: never grouped)
     if self.kv_dtype is not None:
       import jax.numpy as jnp
 

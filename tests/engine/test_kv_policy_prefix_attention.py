@@ -9,7 +9,6 @@ import pytest
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.config.schema import ConfigError
 from jaxinfer.engine.kv_policies import KVPolicyConfig
 from testlib import tiny_model_config
 
@@ -21,7 +20,11 @@ POLICIES = {
     "snapkv": dict(name="snapkv", window=8, budget=32),
     # every H2O row scores and H2O names no prefix pages: it runs with groups on but never joins one
     "h2o": dict(name="h2o", window=6, budget=20),
+    # duo names no prefix pages and neither duo layout states a plain view: both run, never grouped
+    "duo": dict(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr")),
+    "duo_masked": dict(name="duo_masked", sink_tokens=4, window=12, head_classes=("rs", "sr")),
 }
+NEVER_GROUPED = ("h2o", "duo", "duo_masked")
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +77,12 @@ def test_policy_with_shared_prefix_attention_matches_policy_alone(model, name):
   want, _, _, alone = _serve(model, policy, False, prompts, arrivals)
   got, log, index, engine = _serve(model, policy, True, prompts, arrivals)
   assert got == want
-  assert engine.stats["partial_prefills"] > 0 and engine.prefix_stats["hit_tokens"] > 0 or name == "h2o"
+  assert engine.stats["partial_prefills"] > 0 and engine.prefix_stats["hit_tokens"] > 0 or name in NEVER_GROUPED
   grouped_steps = [g for g, _ in log if g]
-  if name == "h2o":  # scoring sequences never join a group (their rows' mass over the prefix is needed)
+  if name in NEVER_GROUPED:  # H2O: scoring rows need their mass over the prefix; duo: no plain view
     assert not grouped_steps and engine.stats["shared_prefix_groups"] == 0
-    assert engine.kv_policy.stats["compactions"] > 0  # the policy did evict meanwhile
+    if name == "h2o":
+      assert engine.kv_policy.stats["compactions"] > 0  # the policy did evict meanwhile
     return
   assert grouped_steps and engine.stats["shared_prefix_groups"] == len(grouped_steps)
   if name == "streaming":
@@ -97,11 +101,3 @@ def test_policy_with_shared_prefix_attention_matches_policy_alone(model, name):
     was = {rid for g in grouped_steps for rid in g}
     assert over and not (over & was) and was
     assert engine.kv_policy.stats["compactions"] == len(over) == alone.kv_policy.stats["compactions"]
-
-
-def test_duo_refused_with_shared_prefix_attention():
-  duo = KVPolicyConfig(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr"))
-  with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: kv_policy 'duo' does not run with shared-prefix"):
-    jaxinfer.EngineConfig(enable_prefix_caching=True, enable_shared_prefix_attention=True, kv_policy=duo)
-  jaxinfer.EngineConfig(enable_prefix_caching=True, enable_shared_prefix_attention=True,
-                        kv_policy=KVPolicyConfig(**POLICIES["h2o"]))  # the others are accepted

@@ -239,7 +239,7 @@ def test_refusals_name_the_field(model):
     EngineConfig(kv_policy=streaming, speculative=medusa)
   duo = KVPolicyConfig(name="duo", sink_tokens=4, window=12, head_classes=("rs", "sr"))
   with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: kv_policy 'duo' does not run with speculative "
-                                        r"verification .*: its per-head layout"):
+                                        r"verification .*: its streaming heads' sinks \+ window store"):
     EngineConfig(kv_policy=duo, speculative=jaxinfer.SpeculativeConfig())
   with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: kv_policy 'duo'"):
     EngineConfig(kv_policy=duo, max_rows_per_seq=2)
@@ -248,6 +248,10 @@ def test_refusals_name_the_field(model):
     with pytest.raises(ConfigError, match=rf"^engine\.kv_policy\.window: {name} with up to k=4 drafts per step "
                                           r"needs window > k, got window=4"):
       EngineConfig(kv_policy=small_window, speculative=jaxinfer.SpeculativeConfig(num_speculative_tokens=4))
+  with pytest.raises(ConfigError, match=r"^engine\.kv_policy\.name: kv_policy 'streaming' runs with speculative "
+                                        r"verification or with shared-prefix attention, not with both"):
+    EngineConfig(kv_policy=streaming, speculative=jaxinfer.SpeculativeConfig(), enable_prefix_caching=True,
+                 enable_shared_prefix_attention=True)
   # what is allowed builds
   EngineConfig(kv_policy=KVPolicyConfig(name="h2o", window=5, budget=20), max_rows_per_seq=5)
   EngineConfig(kv_policy=streaming, speculative=jaxinfer.SpeculativeConfig(num_speculative_tokens=8))

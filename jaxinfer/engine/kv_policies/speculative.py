@@ -5,7 +5,7 @@ the certainly kept tokens and rejected drafts roll back as the newest slots (bas
 each policy's file says how). Refused, each with its reason:
   tree verification (medusa): the accepted path's k/v moves between slots after the step (Engine.move_slots),
     which the policies' slot positions and scores do not follow;
-  duo: its per-head layout is being rebuilt (another change), not made to roll back here.
+  duo, duo_masked: their streaming heads' views (duo: its sinks + window store) have no rollback rule.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from jaxinfer.config.schema import ConfigError
 
 CHAIN_POLICIES = ("streaming", "snapkv", "h2o", "h2o_wide", "h2o_unscored")
 WINDOWED = ("snapkv", "h2o", "h2o_wide", "h2o_unscored")  # rollbacks must stay inside their recent window
-REFUSED = {"duo": "its per-head layout is being rebuilt and does not roll back rejected drafts yet"}
+REFUSED = {"duo": "its streaming heads' sinks + window store does not roll back rejected drafts"}
 TREE_METHODS = ("medusa",)
 
 
