@@ -108,9 +108,9 @@ def visibility(key_pos, q_pos, kv_len, rule: MaskRule, layer: int, sliding_windo
   return vis
 
 
-def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int, stream_heads=None):
-  """Attention probabilities [T, H, G, L] float32 of q [T, H*G, d] over keys k [T, L, H, d] where vis
-  (stream_heads: as in `visibility`)."""
+def masked_logits(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int, stream_heads=None):
+  """(logits [T, H, G, L] float32, visible [T, H, 1, L]) of q [T, H*G, d] over keys k [T, L, H, d] under the
+  policy's rule (the sinks seen from just before the window with cache positions)."""
   t, heads, d = q.shape
   h = k.shape[2]
   qg = q.astype(jnp.float32).reshape(t, h, heads // h, d)
@@ -125,7 +125,13 @@ def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int, stream_h
     if heads_mask is not None:
       sink = sink & jnp.asarray(heads_mask)[None, :, None, None]
     s = jnp.where(sink, s_sink, s)
-  visible = vis.transpose(0, 2, 1)[:, :, None, :]
+  return s, vis.transpose(0, 2, 1)[:, :, None, :]
+
+
+def masked_probs(q, k, key_pos, q_pos, vis, rule: MaskRule, layer: int, stream_heads=None):
+  """Attention probabilities [T, H, G, L] float32 of q [T, H*G, d] over keys k [T, L, H, d] where vis
+  (stream_heads: as in `visibility`)."""
+  s, visible = masked_logits(q, k, key_pos, q_pos, vis, rule, layer, stream_heads)
   m = jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1, keepdims=True)
   e = jnp.where(visible, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
   return e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)

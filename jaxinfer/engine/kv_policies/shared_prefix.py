@@ -22,9 +22,8 @@ part). Scoring sequences (H2O) are therefore kept out of groups rather than scor
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
-from jaxinfer.engine.kv_policies.attention import _rotate, accumulate_scores, gather_pages, visibility
+from jaxinfer.engine.kv_policies.attention import accumulate_scores, gather_pages, masked_logits, visibility
 from pallas_kernels.shared_prefix_attention import merge_partials, paged_prefix_attention
 
 
@@ -33,20 +32,7 @@ def masked_attention_lse(q, k, v, key_pos, q_pos, vis, rule, layer: int, stream_
   [T, L, H, d] where vis [T, L, H]; the same logits and normalisation as attention.masked_probs (lse -inf
   and out 0 for a row that sees nothing)."""
   t, heads, d = q.shape
-  h = k.shape[2]
-  qg = q.astype(jnp.float32).reshape(t, h, heads // h, d)
-  kf = k.astype(jnp.float32)
-  scale = 1.0 / np.sqrt(d)
-  s = jnp.einsum("thgd,tlhd->thgl", qg, kf) * scale
-  if rule.cache_positions and rule.window is not None:  # the sinks seen from just before the window
-    delta = jnp.maximum(q_pos - rule.window + 1 - rule.sinks, 0)
-    s_sink = jnp.einsum("thgd,tlhd->thgl", _rotate(qg, -delta, rule.inv_freq), kf) * scale
-    sink = (key_pos < rule.sinks).transpose(0, 2, 1)[:, :, None, :]
-    heads_mask = rule.streams(layer) if stream_heads is None else stream_heads
-    if heads_mask is not None:
-      sink = sink & jnp.asarray(heads_mask)[None, :, None, None]
-    s = jnp.where(sink, s_sink, s)
-  visible = vis.transpose(0, 2, 1)[:, :, None, :]
+  s, visible = masked_logits(q, k, key_pos, q_pos, vis, rule, layer, stream_heads)
   m = jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1, keepdims=True)
   m0 = jnp.where(jnp.isfinite(m), m, 0.0)
   e = jnp.where(visible, jnp.exp(s - m0), 0.0)
