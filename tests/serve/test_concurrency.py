@@ -18,8 +18,10 @@ def wait_idle(bridge, timeout=60):
 
 async def stream_one(client, model, i, cancel_after=None):
   """The text of request i (seeded sampling: its random stream does not depend on the batch); with cancel_after,
-  the client closes the stream after that many chunks and returns None."""
-  stream = await client.completions.create(model=model, prompt=f"client {i}: " + "ab" * (i % 7), max_tokens=TOKENS,
+  the client closes the stream after that many chunks and returns None (such a request asks for 8x the tokens,
+  so on a loaded machine it is still running when the disconnect reaches the engine)."""
+  max_tokens = TOKENS if cancel_after is None else 8 * TOKENS
+  stream = await client.completions.create(model=model, prompt=f"client {i}: " + "ab" * (i % 7), max_tokens=max_tokens,
                                            temperature=1.0, seed=1000 + i, stream=True)
   pieces, finish = [], None
   async for chunk in stream:
