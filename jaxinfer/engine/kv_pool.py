@@ -37,30 +37,16 @@ class KVPool:
     from jaxinfer.engine import kv_quant
 
     dtype = jnp.dtype(dtype or model_config.dtype)
-    shape = (num_pages, page_size, model_config.num_kv_heads * kv_repeat, model_config.resolved_head_dim)
-    zeros = lambda shape, dt: tuple(jnp.zeros(shape, dt) for _ in range(model_config.num_layers))  # noqa: E731
+    heads = (model_config.num_kv_heads,) * model_config.num_layers if layer_kv_heads is None else layer_kv_heads
+    shapes = [(num_pages, page_size, h * kv_repeat, model_config.resolved_head_dim) for h in heads]
+    zeros = lambda shapes, dt: tuple(jnp.zeros(s, dt) for s in shapes)  # noqa: E731
     positions = jnp.full((num_pages * page_size,), -1, jnp.int32) if track_positions else None
-    if layer_kv_heads is not None:  # a KV policy keeping only some kv heads per layer in the pages (duo)
-      return cls._per_layer_heads(shape, layer_kv_heads, kv_repeat, dtype, key_granularity, positions)
     k_scales = v_scales = None
     if dtype.name in kv_quant.QMAX:
-      ks, vs = kv_quant.scale_shapes(*shape, key_granularity)
-      k_scales, v_scales = zeros(ks, jnp.float32), zeros(vs, jnp.float32)
-    return cls(k=zeros(shape, dtype), v=zeros(shape, dtype), k_scales=k_scales, v_scales=v_scales,
-               positions=positions)
-
-  @classmethod
-  def _per_layer_heads(cls, shape, layer_kv_heads, kv_repeat, dtype, key_granularity, positions):
-    from jaxinfer.engine import kv_quant
-
-    shapes = [shape[:2] + (h * kv_repeat,) + shape[3:] for h in layer_kv_heads]
-    kv = lambda: tuple(jnp.zeros(s, dtype) for s in shapes)  # noqa: E731
-    scales = {}
-    if dtype.name in kv_quant.QMAX:
       sc = [kv_quant.scale_shapes(*s, key_granularity) for s in shapes]
-      scales = dict(k_scales=tuple(jnp.zeros(k, jnp.float32) for k, _ in sc),
-                    v_scales=tuple(jnp.zeros(v, jnp.float32) for _, v in sc))
-    return cls(k=kv(), v=kv(), positions=positions, **scales)
+      k_scales, v_scales = zeros([k for k, _ in sc], jnp.float32), zeros([v for _, v in sc], jnp.float32)
+    return cls(k=zeros(shapes, dtype), v=zeros(shapes, dtype), k_scales=k_scales, v_scales=v_scales,
+               positions=positions)
 
   @property
   def quantized(self) -> bool:
@@ -97,17 +83,16 @@ class KVPool:
   def copy_pages(self, src, dst) -> "KVPool":
     """Page dst[i] of every layer becomes a copy of page src[i] (out-of-pool dst entries are dropped)."""
     cp = lambda pages: tuple(p.at[dst].set(p[src], mode="drop") for p in pages)  # noqa: E731
-    ps = self.page_size
+    offs = jnp.arange(self.page_size, dtype=jnp.int32)
+    src_slots = (src[:, None] * self.page_size + offs).reshape(-1)
+    dst_slots = (dst[:, None] * self.page_size + offs).reshape(-1)
     positions = self.positions
     if positions is not None:
-      offs = jnp.arange(ps, dtype=jnp.int32)
-      positions = positions.at[(dst[:, None] * ps + offs).reshape(-1)].set(
-          positions[(src[:, None] * ps + offs).reshape(-1)], mode="drop")
+      positions = positions.at[dst_slots].set(positions[src_slots], mode="drop")
     scales = {} if self.k_scales is None else dict(k_scales=cp(self.k_scales), v_scales=cp(self.v_scales))
     policy = self.policy
     if policy is not None:  # a KV policy's per-slot state travels with the slots (copy-on-write of a page)
-      offs = jnp.arange(ps, dtype=jnp.int32)
-      policy = policy.copy_slots((src[:, None] * ps + offs).reshape(-1), (dst[:, None] * ps + offs).reshape(-1))
+      policy = policy.copy_slots(src_slots, dst_slots)
     return self.replace(k=cp(self.k), v=cp(self.v), positions=positions, policy=policy, **scales)
 
   def move_slots(self, src, dst) -> "KVPool":

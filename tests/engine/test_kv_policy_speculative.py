@@ -52,7 +52,7 @@ def _spec(method, model, small, k=3):
 def _prompts(rng, n, vocab):
   """Prompts longer than a step (chunked prefill), half repetitive (prompt lookup finds n-grams), some
   sharing a prefix (prefix caching)."""
-  prefix = rng.integers(1, vocab, size=2 * PS).tolist()  # page-aligned: no partial-page copies (below)
+  prefix = rng.integers(1, vocab, size=2 * PS).tolist()  # page-aligned (copy-on-write has its own test)
   out = []
   for i in range(n):
     unit = rng.integers(1, vocab, size=int(rng.integers(2, 5))).tolist()
